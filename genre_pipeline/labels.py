@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
+import numpy as np
 import pyarrow as pa
 
-from genre_pipeline.genres import GENRES, score_columns
+from genre_pipeline.genres import GENRES, labels_from_scores, score_columns, top_genres
 
 STATUS_OK = "ok"
 STATUS_MISSING = "missing_poster"
@@ -35,3 +37,30 @@ def labels_schema(genres: Sequence[str] = GENRES) -> pa.Schema:
             pa.field("run_id", pa.string(), nullable=False),
         ]
     )
+
+
+def to_label_table(
+    batch: dict[str, np.ndarray], *, genres: Sequence[str], thresholds: np.ndarray, model_version: str,
+    run_id: str, labelled_at: datetime,
+) -> pa.Table:
+    """Scores (NaN for rows without a usable poster) -> the label rows of the contract."""
+    scores = np.asarray(batch["scores"], dtype=np.float32).reshape(len(batch["movie_id"]), len(genres))
+    ok = ~np.isnan(scores).any(axis=1)
+    predicted = labels_from_scores(np.nan_to_num(scores, nan=-1.0), thresholds, genres)
+    top = top_genres(np.nan_to_num(scores, nan=-1.0), genres) if len(scores) else []
+    count = len(scores)
+    columns = {
+        "movie_id": pa.array(batch["movie_id"], pa.int64()),
+        "title": pa.array(list(batch["title"]), pa.string()),
+        "poster_uri": pa.array(list(batch["poster_uri"]), pa.string()),
+        **{name: pa.array(scores[:, i], pa.float32(), mask=~ok) for i, name in enumerate(score_columns(genres))},
+        "genres": pa.array([g if keep else None for g, keep in zip(predicted, ok, strict=True)],
+                           pa.list_(pa.string())),
+        "top_genre": pa.array([t if keep else None for t, keep in zip(top, ok, strict=True)], pa.string()),
+        "status": pa.array(list(batch["status"]), pa.string()),
+        "error": pa.array(list(batch["error"]), pa.string()),
+        "model_version": pa.array([model_version] * count, pa.string()),
+        "labelled_at": pa.array([labelled_at] * count, pa.timestamp("us", tz="UTC")),
+        "run_id": pa.array([run_id] * count, pa.string()),
+    }
+    return pa.table(columns, schema=labels_schema(genres))
