@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,9 @@ def movies_to_table(
     movies: Iterable[Movie], *, poster_location: str | None, pattern: str, present: set[str] | None,
     splits: dict[int, str] | None,
 ) -> pa.Table:
+    if poster_location is not None and not storage.is_remote(poster_location):
+        # Absolute, so the catalogue stays valid wherever the jobs run (a Ray worker's cwd is not the user's).
+        poster_location = os.path.abspath(poster_location)
     rows: dict[str, list] = {name: [] for name in CATALOG_SCHEMA.names}
     for movie in movies:
         name = pattern.format(movie_id=movie.movie_id)

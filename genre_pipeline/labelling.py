@@ -71,7 +71,9 @@ def count_catalog_rows(uri: str, options: storage.StorageOptions) -> int:
     return len(ids)
 
 
-def build_label_dataset(config: LabelConfig, meta: ModelMeta, *, run_id: str, labelled_at: datetime) -> ray.data.Dataset:
+def build_label_dataset(
+    config: LabelConfig, meta: ModelMeta, *, run_id: str, labelled_at: datetime
+) -> ray.data.Dataset:
     """read -> fetch -> decode+resize (CPU tasks) -> GenrePredictor pool -> label rows; lazy, streaming."""
     options = config.storage_options
     fs, path = storage.arrow_filesystem(config.catalog, options)

@@ -1,7 +1,7 @@
 """Committing a night's labels so that readers never see half a night.
 
-The job writes into `<root>/_staging/run_date=<date>/<run_id>/` (engines skip paths starting with `_`, and the documented
-`<root>/run_date=*/*.parquet` glob does not reach it), checks that every catalogue row is there exactly once,
+The job writes into `<root>/_staging/run_date=<date>/<run_id>/` (engines skip paths starting with `_`, and the
+documented `<root>/run_date=*/*.parquet` glob does not reach it), checks that every catalogue row is there exactly once,
 then swaps the staging folder in as `<root>/run_date=<date>/`. On a local or POSIX shared filesystem each step
 is a rename (atomic); on S3 a rename is a copy, so the swap takes as long as copying one night's files.
 A run killed before the swap leaves only staging debris, which the next run for that night deletes.

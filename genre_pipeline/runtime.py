@@ -1,0 +1,38 @@
+"""What every job entry point shares: logging, Ray start-up, storage flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import ray
+
+from genre_pipeline.storage import StorageOptions
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def init_ray() -> None:
+    """Join the cluster under `ray job submit` (RAY_ADDRESS is set) or start a local Ray on a laptop."""
+    if ray.is_initialized():
+        return
+    # Jobs log their own progress; Ray Data's per-operator progress bars would flood CI logs and job logs.
+    ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("GENRE_PIPELINE_PROGRESS"))
+    ray.init(log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("GENRE_PIPELINE_PROGRESS"))
+
+
+def add_storage_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("object storage (credentials come from the standard AWS chain)")
+    group.add_argument("--endpoint-url", default=None,
+                       help="S3-compatible endpoint (MinIO, moto, ...); default: AWS_ENDPOINT_URL or AWS itself")
+    group.add_argument("--anonymous", action="store_true", help="unsigned requests, for public buckets")
+    group.add_argument("--region", default=None, help="S3 region; default: the AWS chain's")
+
+
+def storage_options_from(args: argparse.Namespace) -> StorageOptions:
+    return StorageOptions(endpoint_url=args.endpoint_url, anonymous=args.anonymous, region=args.region)

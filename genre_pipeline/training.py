@@ -1,0 +1,202 @@
+"""Ray Train fine-tuning: the per-worker loop (`train_loop_per_worker`), one epoch, evaluation, resume.
+
+Runs the same on a laptop (gloo DDP over CPU workers) and a GPU cluster (nccl); each epoch reports
+validation metrics and a self-describing checkpoint, and running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from genre_pipeline import storage
+from genre_pipeline.checkpoints import ModelMeta, runtime_versions, save_checkpoint
+from genre_pipeline.evaluation import summary_metrics, tune_thresholds
+from genre_pipeline.images import PreprocessSpec, to_model_input
+from genre_pipeline.models import build_model
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE_FILE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a training worker needs; built on the driver, shipped to every worker."""
+
+    arch: str
+    genres: list[str]
+    preprocess: PreprocessSpec
+    epochs: int
+    batch_size: int  # per worker
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    backbone_lr_scale: float = 0.1  # pretrained features move slower than the new head
+    freeze_backbone_epochs: int = 0  # head-only epochs first, so a random head does not wreck pretrained features
+    pos_weight: list[float] | None = None  # per genre, against the imbalance of rare genres
+    patience: int = 0  # stop after this many epochs without a better monitored metric; 0 = never
+    monitor: str = "val_map_at_3"
+    pretrained: bool = False
+    weights: str | None = None
+    seed: int = 0
+    data_fingerprint: str = ""
+    storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)
+
+
+@dataclass
+class TrainState:
+    """What resuming needs besides the weights."""
+
+    epoch: int = 0  # epochs completed
+    best_score: float = -math.inf
+    epochs_since_best: int = 0
+
+
+def lr_lambdas(config: LoopConfig) -> list:
+    """Cosine decay per epoch; the backbone sits at LR 0 while frozen (DDP-safe, unlike requires_grad)."""
+
+    def cosine(epoch: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * epoch / max(1, config.epochs)))
+
+    def backbone(epoch: int) -> float:
+        return 0.0 if epoch < config.freeze_backbone_epochs else config.backbone_lr_scale * cosine(epoch)
+
+    return [backbone, cosine]
+
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler
+
+
+def make_optimizer(model: nn.Module, config: LoopConfig) -> tuple[torch.optim.Optimizer, Scheduler]:
+    core = getattr(model, "module", model)
+    groups = [{"params": core.backbone.parameters()}, {"params": core.head.parameters()}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(config))
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+                    loss_fn: nn.Module, spec: PreprocessSpec) -> float:
+    """Mean training loss over the epoch."""
+    model.train()
+    total, count = 0.0, 0
+    for batch in batches:
+        logits = model(to_model_input(batch["image"], spec))
+        loss = loss_fn(logits, batch["target"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(logits)
+        count += len(logits)
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: PreprocessSpec,
+             num_genres: int) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, sigmoid scores) of this worker's validation shard."""
+    model.eval()
+    targets, scores = [np.zeros((0, num_genres), np.float32)], [np.zeros((0, num_genres), np.float32)]
+    for batch in batches:
+        scores.append(torch.sigmoid(model(to_model_input(batch["image"], spec))).float().cpu().numpy())
+        targets.append(batch["target"].cpu().numpy())
+    return np.concatenate(targets), np.concatenate(scores)
+
+
+def gather_rows(array: np.ndarray) -> np.ndarray:
+    """Concatenate every worker's rows (validation is sharded; every rank needs all of it to tune thresholds)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return array
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, array)
+    return np.concatenate(parts)
+
+
+def validation_metrics(y_true: np.ndarray, scores: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    thresholds = tune_thresholds(y_true, scores)
+    metrics = summary_metrics(y_true, scores, (scores >= thresholds).astype(np.float32))
+    return {f"val_{name}": float(value) for name, value in metrics.items()}, thresholds
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler
+            ) -> TrainState:
+    """Load the latest reported checkpoint, if Ray Train has one for this run name (i.e. we are resuming)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as directory:
+        model.load_state_dict(torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=True))
+        saved = torch.load(Path(directory) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    state = TrainState(**saved["state"])
+    if ray.train.get_context().get_world_rank() == 0:
+        logger.info("resuming after epoch %d (best %.4f)", state.epoch, state.best_score)
+    return state
+
+
+def report_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler,
+                 state: TrainState, metrics: dict[str, float], meta: ModelMeta) -> None:
+    """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint."""
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            meta = save_checkpoint(directory, model, meta)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "state": asdict(state)}, Path(directory) / TRAIN_STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+            logger.info("epoch %d: %s", state.epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        ray.train.report({**metrics, "epoch": state.epoch}, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config: LoopConfig = loop_config["config"]
+    torch.manual_seed(config.seed + ray.train.get_context().get_world_rank())
+    cpus = loop_config.get("cpus_per_worker") or 1
+    torch.set_num_threads(max(1, int(cpus)))
+    # Resuming replaces every weight: no need to fetch pretrained ones again.
+    fresh = ray.train.get_checkpoint() is None
+    model = build_model(arch=config.arch, num_genres=len(config.genres), pretrained=config.pretrained and fresh,
+                        weights=config.weights if fresh else None, storage_options=config.storage_options)
+    optimizer, scheduler = make_optimizer(model, config)
+    state = restore(model, optimizer, scheduler)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    pos_weight = torch.tensor(config.pos_weight, device=device) if config.pos_weight else None
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    dtypes = {"image": torch.uint8, "target": torch.float32}
+    while state.epoch < config.epochs and not stopped_early(state, config):
+        batches = train_shard.iter_torch_batches(batch_size=config.batch_size, dtypes=dtypes, drop_last=False)
+        train_loss = train_one_epoch(model, batches, optimizer, loss_fn, config.preprocess)
+        scheduler.step()
+        val_batches = val_shard.iter_torch_batches(batch_size=config.batch_size, dtypes=dtypes)
+        y_true, scores = (gather_rows(a) for a in evaluate(model, val_batches, config.preprocess, len(config.genres)))
+        metrics, thresholds = validation_metrics(y_true, scores)
+        state.epoch += 1
+        update_early_stopping(state, metrics[config.monitor])
+        meta = ModelMeta(arch=config.arch, genres=list(config.genres), preprocess=config.preprocess,
+                         thresholds=thresholds.tolist(), epoch=state.epoch, metrics=metrics,
+                         data_fingerprint=config.data_fingerprint, versions=runtime_versions())
+        report_epoch(model, optimizer, scheduler, state, {"train_loss": train_loss, **metrics}, meta)
+
+
+def update_early_stopping(state: TrainState, score: float) -> None:
+    if score > state.best_score:
+        state.best_score, state.epochs_since_best = score, 0
+    else:
+        state.epochs_since_best += 1
+
+
+def stopped_early(state: TrainState, config: LoopConfig) -> bool:
+    return config.patience > 0 and state.epochs_since_best >= config.patience

@@ -1,0 +1,103 @@
+"""Fine-tune a genre model on the catalogue's train split with Ray Train, and publish the best checkpoint.
+
+    python jobs/train_genre_model.py --catalog out/sample/catalog.parquet --arch cnn --epochs 5 \
+        --batch-size 32 --num-workers 2 --storage-path out/runs --name demo-cnn
+
+Checkpoints go to `<storage-path>/<name>/` (Ray Train's layout); the best epoch (validation mAP@3) is copied
+to `<storage-path>/<name>/model`, the URI to give the label job. Running the same command again resumes
+from the latest checkpoint. Add `--use-gpu` on a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
+
+from genre_pipeline.models import ARCHS, WeightsUnavailableError  # noqa: E402
+from genre_pipeline.runtime import add_storage_flags, init_ray, setup_logging, storage_options_from  # noqa: E402
+from genre_pipeline.telemetry import push_job_outcome  # noqa: E402
+from genre_pipeline.trainer import TrainJobConfig, TrainSummary, run_training  # noqa: E402
+
+logger = logging.getLogger("train_genre_model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainJobConfig(catalog="", storage_path="", name="")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--catalog", required=True, help="catalogue Parquet (local or s3://)")
+    p.add_argument("--storage-path", required=True, help="where Ray Train keeps runs and checkpoints")
+    p.add_argument("--name", required=True, help="run name; the same name resumes the same run")
+    p.add_argument("--arch", choices=ARCHS, default=defaults.arch, help="model architecture")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="total epochs (a resumed run counts on)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step per worker")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate of the head")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    p.add_argument("--num-workers", type=int, default=defaults.num_workers, help="Ray Train workers (DDP)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl")
+    p.add_argument("--cpus-per-worker", type=float, default=defaults.cpus_per_worker,
+                   help="CPUs reserved per worker; leave some for Ray Data's decoding tasks")
+    p.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                   help="share of train rows held out for validation, by a stable hash of movie_id")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels; default: the arch's")
+    p.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
+    p.add_argument("--weights", default=None, help="start from this ImageNet state_dict file (path or s3://)")
+    p.add_argument("--freeze-backbone-epochs", type=int, default=defaults.freeze_backbone_epochs,
+                   help="train only the head for the first N epochs (fine-tuning pretrained weights)")
+    p.add_argument("--backbone-lr-scale", type=float, default=defaults.backbone_lr_scale,
+                   help="backbone LR = lr x this, once unfrozen")
+    p.add_argument("--patience", type=int, default=defaults.patience,
+                   help="stop after N epochs without a better validation mAP@3; 0 = run all epochs")
+    p.add_argument("--no-class-weighting", action="store_true",
+                   help="plain BCE instead of per-genre positive weights against imbalance")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="torch seed")
+    p.add_argument("--pushgateway", default=None, help="HOST:PORT of a Prometheus Pushgateway")
+    add_storage_flags(p)
+    return p
+
+
+def parse_config(argv: list[str] | None) -> tuple[TrainJobConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    config = TrainJobConfig(
+        catalog=args.catalog, storage_path=args.storage_path, name=args.name, arch=args.arch, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, num_workers=args.num_workers,
+        use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, val_fraction=args.val_fraction,
+        image_size=args.image_size, pretrained=args.pretrained, weights=args.weights,
+        freeze_backbone_epochs=args.freeze_backbone_epochs, backbone_lr_scale=args.backbone_lr_scale,
+        patience=args.patience, class_weighting=not args.no_class_weighting, seed=args.seed,
+        storage_options=storage_options_from(args),
+    )
+    return config, args
+
+
+def push_metrics(gateway: str | None, config: TrainJobConfig, summary: TrainSummary, seconds: float) -> None:
+    gauges = {f"train_{k}": (v, f"final validation {k}") for k, v in summary.meta.metrics.items()}
+    gauges["train_duration_seconds"] = (seconds, "wall time of the training job")
+    gauges["train_last_success_timestamp_seconds"] = (time.time(), "when training last succeeded")
+    push_job_outcome(gateway, job="genre_pipeline_train", run_id=config.name, gauges=gauges,
+                     labelled={"model_info": {("model_version", summary.meta.model_version): 1.0}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    config, args = parse_config(argv)
+    started = time.monotonic()
+    init_ray()
+    try:
+        summary = run_training(config)
+    except (WeightsUnavailableError, ValueError, FileNotFoundError) as error:
+        logger.error("%s", error)
+        return 2
+    push_metrics(args.pushgateway, config, summary, time.monotonic() - started)
+    metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(summary.meta.metrics.items()))
+    print(f"best epoch {summary.meta.epoch} of {summary.epochs_run}: {metrics}")
+    print(f"model {summary.meta.model_version} published to {summary.model_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
