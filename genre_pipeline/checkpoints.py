@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,7 +108,7 @@ def load_checkpoint(
         model.load_state_dict(state)
     except FileNotFoundError:
         raise CheckpointError(f"{weights_uri}: weights file is missing") from None
-    except (OSError, RuntimeError, ValueError, EOFError) as error:
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"{weights_uri}: unreadable weights: {error}") from None
     return model.eval(), meta
 

@@ -78,7 +78,8 @@ def build_label_dataset(
     options = config.storage_options
     fs, path = storage.arrow_filesystem(config.catalog, options)
     return (
-        ray.data.read_parquet(path, filesystem=fs, columns=CATALOG_COLUMNS)
+        ray.data.read_parquet(path, filesystem=fs)
+        .select_columns(CATALOG_COLUMNS)  # projection is pushed down into the Parquet read
         .map_batches(fetch_posters, fn_kwargs={"options": options}, batch_size=DECODE_BATCH_ROWS)
         .map_batches(decode_posters, fn_kwargs={"image_size": meta.preprocess.image_size},
                      batch_size=DECODE_BATCH_ROWS)

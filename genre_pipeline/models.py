@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import pickle
 from collections.abc import Callable
 
 import torch
@@ -109,7 +110,7 @@ def load_backbone_weights(model: GenreNet, uri: str, options: storage.StorageOpt
     """Load an ImageNet-style state_dict into the backbone; its classifier (fc.*) is dropped."""
     try:
         state = torch.load(io.BytesIO(storage.read_bytes(uri, options)), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as error:
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         raise WeightsUnavailableError(f"{uri}: cannot read weights file: {error}") from None
     state = {key: value for key, value in state.items() if not key.startswith("fc.")}
     missing, unexpected = model.backbone.load_state_dict(state, strict=False)

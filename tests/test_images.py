@@ -1,0 +1,95 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genre_pipeline.images import (
+    IMAGENET_MEAN,
+    PosterDecodeError,
+    PreprocessSpec,
+    augment_batch,
+    decode_poster,
+    to_model_input,
+    training_augmentation,
+)
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def red_left_blue_right(mode: str = "RGB", size=(60, 90)) -> Image.Image:
+    array = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    array[:, : size[0] // 2] = (220, 20, 20)
+    array[:, size[0] // 2 :] = (20, 20, 220)
+    return Image.fromarray(array, "RGB").convert(mode) if mode != "RGB" else Image.fromarray(array, "RGB")
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("jpeg", lambda: encoded(red_left_blue_right(), "JPEG", quality=95)),
+        ("progressive jpeg", lambda: encoded(red_left_blue_right(), "JPEG", quality=95, progressive=True)),
+        ("png", lambda: encoded(red_left_blue_right(), "PNG")),
+        ("webp", lambda: encoded(red_left_blue_right(), "WEBP", lossless=True)),
+        ("cmyk jpeg", lambda: encoded(red_left_blue_right("CMYK"), "JPEG", quality=95)),
+        ("palette png", lambda: encoded(red_left_blue_right("P"), "PNG")),
+    ],
+)
+def test_colour_images_decode_to_rgb(name, data):
+    image = decode_poster(data(), 32)
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    left, right = image[:, :12].mean(axis=(0, 1)), image[:, 20:].mean(axis=(0, 1))
+    assert left[0] > 150 and left[2] < 80, f"{name}: left half should stay red, got {left}"
+    assert right[2] > 150 and right[0] < 80, f"{name}: right half should stay blue, got {right}"
+
+
+def test_grey_image_becomes_three_equal_channels():
+    grey = Image.fromarray(np.full((40, 30), 77, dtype=np.uint8), "L")
+    image = decode_poster(encoded(grey, "JPEG", quality=100), 16)
+    assert image.shape == (16, 16, 3)
+    assert np.abs(image.astype(int) - 77).max() <= 2
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (20, 20), (255, 0, 0, 0))  # fully transparent red
+    image = decode_poster(encoded(rgba, "PNG"), 8)
+    assert (image == 255).all()
+    palette = Image.new("P", (20, 20), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    assert (decode_poster(encoded(palette, "PNG", transparency=0), 8) == 255).all()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty file"),
+        (b"this is not an image", "cannot decode"),
+        (encoded(red_left_blue_right(size=(200, 300)), "JPEG")[:400], "cannot decode"),  # truncated
+    ],
+)
+def test_bad_bytes_raise_decode_error(data, message):
+    with pytest.raises(PosterDecodeError, match=message):
+        decode_poster(data, 32)
+
+
+def test_model_input_is_normalised_channels_last():
+    images = torch.full((2, 8, 8, 3), 255, dtype=torch.uint8)
+    batch = to_model_input(images, PreprocessSpec(image_size=8))
+    assert batch.shape == (2, 3, 8, 8)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    expected_red = (1.0 - IMAGENET_MEAN[0]) / 0.229
+    assert torch.allclose(batch[:, 0], torch.full((2, 8, 8), expected_red), atol=1e-5)
+
+
+def test_augmentation_keeps_shape_and_changes_pixels():
+    torch.manual_seed(0)
+    images = np.stack([decode_poster(encoded(red_left_blue_right(), "PNG"), 32)] * 4)
+    augmented = augment_batch(images, training_augmentation(32))
+    assert augmented.shape == images.shape and augmented.dtype == np.uint8
+    assert not np.array_equal(augmented, images)

@@ -1,0 +1,120 @@
+"""The label job on a real local Ray: one row per movie, the contract's schema, statuses, re-runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import load_job
+from genre_pipeline.catalog import CATALOG_SCHEMA
+from genre_pipeline.checkpoints import ModelMeta, save_checkpoint
+from genre_pipeline.genres import GENRES, score_columns
+from genre_pipeline.images import PreprocessSpec
+from genre_pipeline.labelling import LabelConfig, label_catalog
+from genre_pipeline.labels import labels_schema
+from genre_pipeline.models import build_model
+from genre_pipeline.sample import draw_poster, jpeg_bytes
+
+GOOD_IDS = range(1, 9)
+EXPECTED_STATUS = {**{i: "ok" for i in GOOD_IDS}, 20: "missing_poster", 21: "missing_poster",
+                   22: "unreadable_poster", 23: "unreadable_poster", 24: "unreadable_poster"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("model") / "model"
+    thresholds = np.linspace(0.2, 0.7, len(GENRES)).round(3).tolist()
+    save_checkpoint(directory, build_model(arch="cnn", num_genres=len(GENRES)),
+                    ModelMeta(arch="cnn", genres=list(GENRES), preprocess=PreprocessSpec(image_size=32),
+                              thresholds=thresholds, epoch=1))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> str:
+    """Eight good posters and every kind of bad one."""
+    root = tmp_path_factory.mktemp("catalog")
+    posters = root / "posters"
+    posters.mkdir()
+    rng = np.random.default_rng(0)
+    for movie_id in GOOD_IDS:
+        (posters / f"{movie_id}.jpg").write_bytes(jpeg_bytes(draw_poster(["Drama"], rng, (60, 90))))
+    (posters / "22.jpg").write_bytes(jpeg_bytes(draw_poster(["Comedy"], rng, (60, 90)))[:300])  # truncated
+    (posters / "23.jpg").write_bytes(b"")  # zero bytes
+    (posters / "24.jpg").write_bytes(b"%PDF-1.4 not an image")
+    uris = {i: str(posters / f"{i}.jpg") for i in [*GOOD_IDS, 21, 22, 23, 24]}  # 21.jpg does not exist
+    ids = sorted(EXPECTED_STATUS)
+    table = pa.table({"movie_id": ids, "title": [f"Movie {i}" for i in ids], "year": [2000] * len(ids),
+                      "genres": [["Drama"]] * len(ids), "poster_uri": [uris.get(i) for i in ids],
+                      "split": ["test"] * len(ids)}, schema=CATALOG_SCHEMA)
+    pq.write_table(table, root / "catalog.parquet")
+    return str(root / "catalog.parquet")
+
+
+def read_night(output, run_date) -> pa.Table:
+    return pads.dataset(f"{output}/run_date={run_date}", format="parquet").to_table().sort_by("movie_id")
+
+
+def test_every_movie_once_with_its_status(ray_local, catalog, checkpoint, tmp_path):
+    output = tmp_path / "labels"
+    summary = label_catalog(LabelConfig(catalog=catalog, model=checkpoint, output=str(output),
+                                        run_date="2026-11-01", batch_size=4, actors=1))
+    labels = read_night(output, "2026-11-01")
+    assert labels.schema.equals(labels_schema(), check_metadata=False)
+    assert labels["movie_id"].to_pylist() == sorted(EXPECTED_STATUS)
+    assert dict(zip(labels["movie_id"].to_pylist(), labels["status"].to_pylist(), strict=True)) == EXPECTED_STATUS
+    assert summary.rows_by_status == {"ok": 8, "missing_poster": 2, "unreadable_poster": 3}
+    rows = {row["movie_id"]: row for row in labels.to_pylist()}
+    assert rows[20]["error"] == "no poster_uri" and rows[21]["error"].endswith("21.jpg: not found")
+    assert "empty file" in rows[23]["error"] and rows[24]["error"].startswith(rows[24]["poster_uri"])
+    assert all(rows[i]["score_drama"] is None and rows[i]["genres"] is None for i in (20, 22, 23, 24))
+    assert {labels["run_id"][0].as_py()} == set(labels["run_id"].to_pylist()) == {summary.run_id}
+
+
+def test_labels_apply_the_checkpoint_thresholds(ray_local, catalog, checkpoint, tmp_path):
+    label_catalog(LabelConfig(catalog=catalog, model=checkpoint, output=str(tmp_path), run_date="2026-11-02"))
+    labels = read_night(tmp_path, "2026-11-02")
+    thresholds = np.linspace(0.2, 0.7, len(GENRES)).round(3)
+    ok_rows = [row for row in labels.to_pylist() if row["status"] == "ok"]
+    assert len(ok_rows) == len(GOOD_IDS)
+    for row in ok_rows:
+        scores = np.array([row[c] for c in score_columns()])
+        assert 0.0 <= scores.min() and scores.max() <= 1.0
+        assert row["genres"] == [g for g, s, t in zip(GENRES, scores, thresholds, strict=True) if s >= t]
+        assert row["top_genre"] == GENRES[int(np.argmax(scores))]
+        assert row["model_version"].startswith("cnn-e1-")
+
+
+def test_rerunning_a_night_replaces_it(ray_local, catalog, checkpoint, tmp_path):
+    config = dict(catalog=catalog, model=checkpoint, output=str(tmp_path))
+    first = label_catalog(LabelConfig(**config, run_date="2026-11-03"))
+    other = label_catalog(LabelConfig(**config, run_date="2026-11-04"))
+    again = label_catalog(LabelConfig(**config, run_date="2026-11-03"))
+    night = read_night(tmp_path, "2026-11-03")
+    assert night.num_rows == len(EXPECTED_STATUS)
+    assert set(night["run_id"].to_pylist()) == {again.run_id} != {first.run_id}
+    assert set(read_night(tmp_path, "2026-11-04")["run_id"].to_pylist()) == {other.run_id}
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_")) == [
+        "run_date=2026-11-03", "run_date=2026-11-04"]
+    assert not any((tmp_path / "_staging").rglob("*.parquet"))
+
+
+def test_job_exit_codes_and_nothing_written_on_bad_input(ray_local, catalog, checkpoint, tmp_path, capsys):
+    job = load_job("label_catalog")
+    out = tmp_path / "labels"
+    no_model = job.main(["--catalog", catalog, "--model", str(tmp_path / "nowhere"), "--output", str(out)])
+    pq.write_table(pa.table({"movie_id": [1, 1], "title": ["a", "b"], "poster_uri": ["x", "y"]}),
+                   tmp_path / "dup.parquet")
+    duplicated = job.main(["--catalog", str(tmp_path / "dup.parquet"), "--model", checkpoint, "--output", str(out)])
+    pq.write_table(pa.table({"movie_id": [1], "title": ["a"]}), tmp_path / "nocol.parquet")
+    no_column = job.main(["--catalog", str(tmp_path / "nocol.parquet"), "--model", checkpoint, "--output", str(out)])
+    assert (no_model, duplicated, no_column) == (2, 2, 2)
+    assert not out.exists()
+    ok = job.main(["--catalog", catalog, "--model", checkpoint, "--output", str(out), "--run-date", "2026-11-05"])
+    assert ok == 0
+    assert f"output: {out}/run_date=2026-11-05" in capsys.readouterr().out

@@ -1,0 +1,81 @@
+import io
+
+import pytest
+import torch
+
+from genre_pipeline.checkpoints import CheckpointError, ModelMeta, load_checkpoint, read_meta, save_checkpoint
+from genre_pipeline.genres import GENRES
+from genre_pipeline.images import PreprocessSpec
+from genre_pipeline.models import DEFAULT_IMAGE_SIZE, WeightsUnavailableError, build_model
+
+
+@pytest.mark.parametrize("arch", ["baseline", "cnn", "resnet50"])
+def test_each_arch_returns_finite_logits_per_genre(arch):
+    torch.manual_seed(0)
+    model = build_model(arch=arch, num_genres=18).eval()
+    size = DEFAULT_IMAGE_SIZE[arch] if arch != "resnet50" else 64  # resnet is size-agnostic; keep the test quick
+    with torch.inference_mode():
+        logits = model(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, 18)
+    assert torch.isfinite(logits).all()
+
+
+def test_resnet50_has_the_study_head():
+    head = build_model(arch="resnet50", num_genres=18).head
+    assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert (head[0].in_features, head[0].out_features, head[2].p, head[3].out_features) == (2048, 1024, 0.3, 18)
+
+
+def test_weights_file_loads_into_the_backbone(tmp_path):
+    from torchvision.models import resnet50
+
+    torch.manual_seed(1)
+    imagenet_like = resnet50()
+    path = tmp_path / "resnet50.pth"
+    torch.save(imagenet_like.state_dict(), path)
+    model = build_model(arch="resnet50", num_genres=18, weights=str(path))
+    assert torch.equal(model.backbone.conv1.weight, imagenet_like.conv1.weight)
+
+
+def test_unusable_weights_say_how_to_provide_them(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="only resnet50"):
+        build_model(arch="cnn", num_genres=18, pretrained=True)
+    (tmp_path / "junk.pth").write_bytes(b"not a state dict")
+    with pytest.raises(WeightsUnavailableError, match="junk.pth: cannot read weights file"):
+        build_model(arch="resnet50", num_genres=18, weights=str(tmp_path / "junk.pth"))
+
+
+def test_pretrained_offline_fails_with_instructions(tmp_path, monkeypatch):
+    # No network here and an empty cache: torchvision's download must fail, with advice on --weights.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    try:
+        build_model(arch="resnet50", num_genres=18, pretrained=True)
+    except WeightsUnavailableError as error:
+        assert "--weights" in str(error)
+    else:
+        pytest.skip("this machine can download ImageNet weights")
+
+
+def meta(**overrides) -> ModelMeta:
+    return ModelMeta(**{"arch": "cnn", "genres": list(GENRES), "preprocess": PreprocessSpec(image_size=32),
+                        "thresholds": [0.3] * 18, "epoch": 3, **overrides})
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = build_model(arch="cnn", num_genres=18).eval()
+    saved = save_checkpoint(tmp_path / "ckpt", model, meta(metrics={"val_map_at_1": 0.5}))
+    assert saved.model_version.startswith("cnn-e3-")
+    loaded, loaded_meta = load_checkpoint(str(tmp_path / "ckpt"))
+    assert loaded_meta == saved
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_unreadable_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="no meta.json"):
+        read_meta(str(tmp_path))
+    save_checkpoint(tmp_path / "ckpt", build_model(arch="cnn", num_genres=18), meta())
+    (tmp_path / "ckpt" / "model.pt").write_bytes(io.BytesIO(b"garbage").getvalue())
+    with pytest.raises(CheckpointError, match="model.pt: unreadable weights"):
+        load_checkpoint(str(tmp_path / "ckpt"))
