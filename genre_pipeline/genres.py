@@ -36,7 +36,7 @@ def encode(labels: Iterable[str] | None, genres: Sequence[str] = GENRES) -> np.n
     """Multi-hot float32 vector; raises UnknownGenreError naming the genre that is not in `genres`."""
     index = {g: i for i, g in enumerate(genres)}
     vector = np.zeros(len(genres), dtype=np.float32)
-    for label in labels or ():
+    for label in () if labels is None else labels:  # also numpy arrays, as Ray Data hands list columns
         if label not in index:
             raise UnknownGenreError(f"genre {label!r} is not one of {list(genres)}")
         vector[index[label]] = 1.0

@@ -59,6 +59,7 @@ class TrainState:
     """What resuming needs besides the weights."""
 
     epoch: int = 0  # epochs completed
+    resumed_from: int = 0  # epochs already done when this run started: shows a re-run continued, not restarted
     best_score: float = -math.inf
     epochs_since_best: int = 0
 
@@ -140,6 +141,11 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Sched
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     state = TrainState(**saved["state"])
+    state.resumed_from = state.epoch
+    # The saved LRs belong to the old schedule (0 at its end when a finished run is extended with more
+    # epochs): recompute them for this run's schedule at the epoch we resume from.
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base_lr * factor(state.epoch)
     if ray.train.get_context().get_world_rank() == 0:
         logger.info("resuming after epoch %d (best %.4f)", state.epoch, state.best_score)
     return state
@@ -156,7 +162,8 @@ def report_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
                         "state": asdict(state)}, Path(directory) / TRAIN_STATE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
             logger.info("epoch %d: %s", state.epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        ray.train.report({**metrics, "epoch": state.epoch}, checkpoint=checkpoint)
+        ray.train.report({**metrics, "epoch": state.epoch, "resumed_from_epoch": state.resumed_from},
+                         checkpoint=checkpoint)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

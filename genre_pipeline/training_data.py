@@ -23,6 +23,7 @@ TRAIN_COLUMNS = ["movie_id", "genres", "poster_uri"]
 ROWS_PER_BLOCK = 128
 # Positive-class weights are capped: a genre with 3 examples must not dominate the loss.
 MAX_POS_WEIGHT = 10.0
+GENRE_SEPARATOR = "|"
 
 
 def is_validation(movie_id: int, fraction: float) -> bool:
@@ -73,12 +74,16 @@ def prepare_training_batch(batch: dict[str, np.ndarray], *, genres: Sequence[str
     images = batch["image"][ok]
     if augment and len(images):
         images = augment_batch(images, training_augmentation(image_size))
-    return {"image": images, "target": encode_many(list(batch["genres"][ok]), genres)}
+    targets = encode_many([labels.split(GENRE_SEPARATOR) for labels in batch["genre_labels"][ok]], genres)
+    return {"image": images, "target": targets}
 
 
 def to_dataset(rows: pa.Table, *, genres: Sequence[str], image_size: int, augment: bool,
                options: storage.StorageOptions) -> ray.data.Dataset:
     """Lazy pipeline, re-run every epoch: fresh augmentations, and memory bounded by streaming."""
+    # Genres travel as one "A|B" string: Ray Data cannot turn ragged numpy string arrays back into Arrow.
+    labels = pc.binary_join(rows["genres"], GENRE_SEPARATOR)
+    rows = rows.drop_columns(["genres"]).append_column("genre_labels", labels)
     blocks = [rows.slice(start, ROWS_PER_BLOCK) for start in range(0, rows.num_rows, ROWS_PER_BLOCK)]
     return (
         ray.data.from_arrow(blocks)

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 
 # `ray job submit --working-dir .` and plain `python jobs/...` both run from the repository root:
 # make the library importable there without an install.
@@ -64,7 +65,6 @@ class Config:
 class EvalRows:
     """The split's rows that can be scored, as arrays in the labels' genre order, and what was left out."""
 
-    movie_ids: np.ndarray
     y_true: np.ndarray
     scores: np.ndarray
     predicted: np.ndarray
@@ -101,8 +101,8 @@ def parse_config(argv: list[str] | None) -> Config:
 def partition_dates(labels: str, options: storage.StorageOptions) -> list[str]:
     """The run dates present under the labels root, oldest first (ISO dates sort as strings)."""
     fs, root = storage.arrow_filesystem(labels, options)
-    entries = fs.get_file_info(pads.fs.FileSelector(root, allow_not_found=True))
-    matches = (PARTITION_DIR.match(e.base_name) for e in entries if e.type == pads.fs.FileType.Directory)
+    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    matches = (PARTITION_DIR.match(e.base_name) for e in entries if e.type == pafs.FileType.Directory)
     return sorted(m.group(1) for m in matches if m)
 
 
@@ -150,13 +150,176 @@ def read_eval_catalog(config: Config) -> pa.Table:
 
 
 def check_catalog_genres(catalog: pa.Table, genres: list[str], source: str) -> None:
-    """Every true genre must be in the labels' vocabulary, or the two sides do not describe the same task."""
-    flat = pc.list_flatten(catalog.column("genres"))
-    unknown = sorted(set(pc.unique(flat).to_pylist()) - set(genres))
+    """Every true genre must be one the labels score, or the two sides do not describe the same task."""
+    unknown = sorted(set(pc.unique(pc.list_flatten(catalog.column("genres"))).to_pylist()) - set(genres))
     if unknown:
-        holds = pc.list_value_length(pc.list_filter(catalog.column("genres"), lambda: None)) if False else None
-        del holds
+        example = next(movie_id for movie_id, truth in zip(catalog.column("movie_id").to_pylist(),
+                                                           catalog.column("genres").to_pylist(), strict=True)
+                       if unknown[0] in (truth or ()))
         raise EvaluationInputError(
-            f"{source}: column 'genres' holds genre(s) {unknown} that the labels do not score "
-            f"(their score columns cover {genres})"
+            f"{source}: column 'genres' holds genre(s) {unknown} (e.g. movie_id {example}) that the labels do not "
+            f"score: their score columns cover {genres}"
         )
+
+
+def select_split(catalog: pa.Table, split: str, source: str) -> pa.Table:
+    if split == ALL_SPLITS:
+        rows = catalog
+    else:
+        rows = catalog.filter(pc.fill_null(pc.equal(catalog.column("split"), split), False))
+    if rows.num_rows == 0:
+        has_split = "split" in catalog.column_names
+        present = sorted(map(str, pc.unique(catalog.column("split")).to_pylist())) if has_split else []
+        raise EvaluationInputError(f"{source}: no catalogue rows with split {split!r}; splits present: {present}")
+    return rows
+
+
+def join_labels(rows: pa.Table, labels: pa.Table) -> pa.Table:
+    """The split's catalogue rows that have a label row: the label columns plus the catalogue's true genres."""
+    position = pc.index_in(rows.column("movie_id"), value_set=labels.column("movie_id"))
+    matched = labels.take(pc.drop_null(position))
+    matched = matched.rename_columns([PREDICTED if name == "genres" else name for name in matched.column_names])
+    return matched.append_column(TRUE_GENRES, rows.filter(pc.is_valid(position)).column("genres"))
+
+
+def scorable_rows(joined: pa.Table) -> tuple[pa.Table, dict[str, int], int]:
+    """Rows with status ok and at least one true genre; the others counted by status, and without truth."""
+    ok = pc.fill_null(pc.equal(joined.column("status"), STATUS_OK), False)  # a null status is not ok either
+    not_ok = joined.filter(pc.invert(ok)).column("status").to_pylist()
+    by_status = {str(status): not_ok.count(status) for status in sorted(set(not_ok), key=str)}
+    scored = joined.filter(ok)
+    has_truth = pc.fill_null(pc.greater(pc.list_value_length(scored.column(TRUE_GENRES)), 0), False)
+    kept = scored.filter(has_truth)
+    return kept, by_status, scored.num_rows - kept.num_rows
+
+
+def score_matrix(rows: pa.Table, genres: list[str], source: str) -> np.ndarray:
+    columns = [column_name(genre) for genre in genres]
+    for name in columns:
+        if rows.column(name).null_count:
+            movie_id = rows.filter(pc.is_null(rows.column(name))).column("movie_id")[0].as_py()
+            raise EvaluationInputError(f"{source}: column {name!r} is null for movie_id {movie_id} whose status is ok")
+    return np.column_stack([rows.column(name).to_numpy().astype(np.float64) for name in columns])
+
+
+def eval_rows(split_rows: pa.Table, labels: pa.Table, genres: list[str], source: str) -> EvalRows:
+    joined = join_labels(split_rows, labels)
+    rows, by_status, no_truth = scorable_rows(joined)
+    excluded = {"no_label_row": split_rows.num_rows - joined.num_rows, "status": by_status, "no_true_genres": no_truth}
+    if rows.num_rows == 0:
+        raise EvaluationInputError(f"{source}: none of the {split_rows.num_rows} catalogue rows of the split can be "
+                                   f"scored; excluded: {excluded}")
+    try:
+        predicted = encode_many([g or [] for g in rows.column(PREDICTED).to_pylist()], genres)
+    except UnknownGenreError as error:
+        raise EvaluationInputError(f"{source}: column 'genres': {error}") from None
+    y_true = encode_many(rows.column(TRUE_GENRES).to_pylist(), genres)
+    return EvalRows(y_true=y_true, scores=score_matrix(rows, genres, source), predicted=predicted, excluded=excluded)
+
+
+def train_truth(catalog: pa.Table, genres: list[str]) -> np.ndarray:
+    """Multi-hot true genres of the catalogue's train rows that have any (the prior's population)."""
+    if "split" not in catalog.column_names:
+        return np.zeros((0, len(genres)), dtype=np.float32)
+    train = catalog.filter(pc.fill_null(pc.equal(catalog.column("split"), TRAIN_SPLIT), False))
+    return encode_many([truth for truth in train.column("genres").to_pylist() if truth], genres)
+
+
+def prior_report(train_y: np.ndarray, rows: EvalRows, genres: list[str]) -> dict | None:
+    """The frequency prior on the evaluated rows, at the study's threshold; None without train rows."""
+    if len(train_y) == 0:
+        logger.warning("no catalogue rows with split %r and true genres: no frequency prior", TRAIN_SPLIT)
+        return None
+    prior = evaluation.frequency_prior(train_y)
+    scores = evaluation.prior_scores(prior, len(rows.y_true))
+    metrics = evaluation.evaluate_scores(rows.y_true, scores, scores >= DEFAULT_THRESHOLD, genres)
+    return {"train_rows": len(train_y), "threshold": DEFAULT_THRESHOLD,
+            "frequencies": dict(zip(genres, prior.tolist(), strict=True)), "metrics": metrics}
+
+
+def status_text(by_status: dict[str, int]) -> str:
+    return ", ".join(f"{count} {status}" for status, count in by_status.items()) or "0"
+
+
+def render_markdown(report: dict, model: evaluation.MetricsReport, prior: dict | None) -> str:
+    rows, excluded = report["rows"], report["rows"]["excluded"]
+    table_rows = {"model": model.summary(), **({"frequency prior": prior["metrics"].summary()} if prior else {})}
+    return "\n".join([
+        f"# Genre labels vs catalogue: split {report['split']!r}, {PARTITION_KEY}={report['run_date']}",
+        "",
+        f"Labels `{report['labels_partition']}` (model {', '.join(report['model_versions'])}), "
+        f"catalogue `{report['catalog']}`.",
+        "",
+        f"{rows['in_split']} catalogue rows in the split, {rows['evaluated']} evaluated. Not evaluated: "
+        f"{excluded['no_label_row']} without a label row, {status_text(excluded['status'])} by label status, "
+        f"{excluded['no_true_genres']} without true genres.",
+        "",
+        "## Summary",
+        "",
+        evaluation.render_summary_table(table_rows),
+        "",
+        "The frequency prior scores every movie with the genre shares of the train split; its F1 uses threshold "
+        f"{DEFAULT_THRESHOLD}." if prior else "No train rows with genres: no frequency prior.",
+        "",
+        "## Per genre (model)",
+        "",
+        evaluation.render_per_genre_table(model.per_genre),
+        "",
+        f"Mean AP over the genres with positives: {model.mean_average_precision:.4f}.",
+        "",
+    ])
+
+
+def plots(train_y: np.ndarray, rows: EvalRows, model: evaluation.MetricsReport, split: str,
+          genres: list[str]) -> dict[str, bytes]:
+    distribution, per_genre = io.BytesIO(), io.BytesIO()
+    evaluation.plot_genre_distribution(train_y.sum(axis=0), rows.y_true.sum(axis=0), distribution, genres=genres,
+                                       split_names=(TRAIN_SPLIT, f"{split} (evaluated)"))
+    evaluation.plot_per_genre_f1(model.per_genre, per_genre)
+    return {"genre_distribution.png": distribution.getvalue(), "per_genre_f1.png": per_genre.getvalue()}
+
+
+def evaluate(config: Config) -> tuple[str, dict[str, bytes]]:
+    """Read, check, score, render: everything in memory, so that a bad input leaves nothing written."""
+    run_date = resolve_run_date(config)
+    partition = storage.join(config.labels, f"{PARTITION_KEY}={run_date}")
+    labels, genres = read_labels(partition, config.storage_options)
+    catalog = read_eval_catalog(config)
+    check_catalog_genres(catalog, genres, config.catalog)
+    split_rows = select_split(catalog, config.split, config.catalog)
+    rows = eval_rows(split_rows, labels, genres, partition)
+    train_y = train_truth(catalog, genres)
+    model = evaluation.evaluate_scores(rows.y_true, rows.scores, rows.predicted, genres)
+    prior = prior_report(train_y, rows, genres)
+    report = {
+        "labels_partition": partition, "run_date": run_date, "catalog": config.catalog, "split": config.split,
+        "model_versions": sorted(map(str, pc.unique(labels.column("model_version")).to_pylist())),
+        "genres": genres,
+        "rows": {"in_split": split_rows.num_rows, "evaluated": len(rows.y_true), "excluded": rows.excluded},
+        "model": model.to_dict(),
+        "frequency_prior": {**prior, "metrics": prior["metrics"].to_dict()} if prior else None,
+    }
+    out = config.out or storage.join("evaluation", f"{PARTITION_KEY}={run_date}", f"split={config.split}")
+    files = {"report.md": render_markdown(report, model, prior).encode(),
+             "report.json": json.dumps(report, indent=2, allow_nan=False).encode()}
+    return out, {**files, **plots(train_y, rows, model, config.split, genres)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    config = parse_config(argv)
+    try:
+        out, files = evaluate(config)
+    # OSError/ArrowInvalid: an unreadable file or path; writing happens only after this, so nothing is left behind.
+    except (EvaluationInputError, CatalogError, storage.StorageError, OSError, pa.ArrowInvalid) as error:
+        logger.error("%s", error)
+        return 2
+    for name, data in files.items():
+        storage.write_bytes(storage.join(out, name), data, config.storage_options)
+    print(files["report.md"].decode())
+    logger.info("wrote %s to %s", ", ".join(files), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,8 +8,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import load_job
+
 from genre_pipeline.catalog import CATALOG_SCHEMA
 from genre_pipeline.checkpoints import ModelMeta, save_checkpoint
 from genre_pipeline.genres import GENRES, score_columns
@@ -84,7 +84,7 @@ def test_labels_apply_the_checkpoint_thresholds(ray_local, catalog, checkpoint, 
     assert len(ok_rows) == len(GOOD_IDS)
     for row in ok_rows:
         scores = np.array([row[c] for c in score_columns()])
-        assert 0.0 <= scores.min() and scores.max() <= 1.0
+        assert scores.min() >= 0.0 and scores.max() <= 1.0
         assert row["genres"] == [g for g, s, t in zip(GENRES, scores, thresholds, strict=True) if s >= t]
         assert row["top_genre"] == GENRES[int(np.argmax(scores))]
         assert row["model_version"].startswith("cnn-e1-")

@@ -1,0 +1,173 @@
+import json
+import logging
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import load_job
+
+from genre_pipeline.catalog import CATALOG_SCHEMA
+from genre_pipeline.genres import GENRES, column_name
+from genre_pipeline.labels import labels_schema
+
+evaluate_job = load_job("evaluate")
+
+LATEST, OLDER = "2024-05-02", "2024-05-01"
+
+# movie_id -> (split, true genres)
+CATALOG = {
+    1: ("test", ["Action", "Comedy"]),
+    2: ("test", ["Drama"]),
+    3: ("test", ["Comedy"]),
+    4: ("test", ["Horror"]),  # its label row says missing_poster
+    5: ("test", ["Drama"]),  # no label row at all
+    6: ("test", None),  # a new movie: genres unknown
+    7: ("train", ["Drama"]),
+    8: ("train", ["Drama", "Comedy"]),
+    9: ("train", ["Action"]),
+    10: ("train", ["Comedy"]),
+    11: (None, ["Western"]),
+}
+# movie_id -> (status, {genre: score}, predicted genres); unlisted genres score 0
+LABELS = {
+    1: ("ok", {"Action": 0.9, "Drama": 0.5, "Comedy": 0.2}, ["Action", "Drama"]),
+    2: ("ok", {"Drama": 0.8}, ["Drama"]),
+    3: ("ok", {"Action": 0.7, "Comedy": 0.6}, ["Action", "Comedy"]),
+    4: ("missing_poster", None, None),
+    6: ("ok", {"Sci-Fi": 0.9}, ["Sci-Fi"]),
+    7: ("ok", {"Drama": 0.9}, ["Drama"]),
+    11: ("ok", {"Western": 0.9}, ["Western"]),
+}
+
+
+def write_catalog(path, rows=CATALOG, schema=CATALOG_SCHEMA):
+    table = pa.Table.from_pylist(
+        [{"movie_id": i, "title": f"movie {i}", "year": 1990, "genres": genres, "poster_uri": f"/p/{i}.jpg",
+          "split": split} for i, (split, genres) in rows.items()], schema=CATALOG_SCHEMA)
+    pq.write_table(table.select([name for name in schema.names]), path)
+    return str(path)
+
+
+def label_row(movie_id, status, scores, predicted, genres):
+    return {
+        "movie_id": movie_id, "title": f"movie {movie_id}", "poster_uri": f"/p/{movie_id}.jpg",
+        **{column_name(g): None if scores is None else scores.get(g, 0.0) for g in genres},
+        "genres": predicted, "top_genre": None, "status": status, "error": None if status == "ok" else status,
+        "model_version": "cnn-test", "labelled_at": datetime(2024, 5, 2, tzinfo=timezone.utc), "run_id": "r1",
+    }
+
+
+def write_labels(root, run_date, rows=LABELS, genres=GENRES, drop=()):
+    table = pa.Table.from_pylist([label_row(i, *row, genres) for i, row in rows.items()], schema=labels_schema(genres))
+    (root / f"run_date={run_date}").mkdir(parents=True)
+    pq.write_table(table.drop_columns(list(drop)), root / f"run_date={run_date}" / "part-0.parquet")
+    return str(root)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    labels = tmp_path / "labels"
+    write_labels(labels, LATEST)
+    # an older night where every poster failed: the default must pick the latest partition instead
+    write_labels(labels, OLDER, {i: ("fetch_failed", None, None) for i in LABELS})
+    (labels / "_staging").mkdir()  # an in-flight run's folder is not a partition
+    return {"labels": str(labels), "catalog": write_catalog(tmp_path / "catalog.parquet"), "out": tmp_path / "out"}
+
+
+def run(inputs, *extra):
+    return evaluate_job.main(["--labels", inputs["labels"], "--catalog", inputs["catalog"],
+                              "--out", str(inputs["out"]), *extra])
+
+
+def test_report_values(inputs, capsys):
+    assert run(inputs) == 0
+    report = json.loads((inputs["out"] / "report.json").read_text())
+    assert report["run_date"] == LATEST and report["model_versions"] == ["cnn-test"]
+    assert report["rows"] == {"in_split": 6, "evaluated": 3, "excluded": {
+        "no_label_row": 1, "status": {"missing_poster": 1}, "no_true_genres": 1}}
+    model = report["model"]
+    # top genres: movie 1 Action (true), 2 Drama (true), 3 Action (false)
+    assert model["map_at_1"] == pytest.approx(2 / 3)
+    # movie 1: Action, Drama, Comedy -> (1/1 + 2/3) / 2; movie 2: Drama first -> 1; movie 3: Action, Comedy -> 1/2
+    assert model["map_at_3"] == pytest.approx(((1 + 2 / 3) / 2 + 1 + 1 / 2) / 3)
+    # predicted genres: tp 3 (Action, Drama, Comedy), fp 2 (Drama on 1, Action on 3), fn 1 (Comedy on 1)
+    assert model["f1_micro"] == pytest.approx(6 / 9)
+    # per row: 2*1/(2+2), 1, 2*1/(2+1)
+    assert model["f1_samples"] == pytest.approx((0.5 + 1 + 2 / 3) / 3)
+    drama = next(g for g in model["per_genre"] if g["genre"] == "Drama")
+    assert (drama["support"], drama["predicted"], drama["precision"], drama["recall"]) == (1, 2, 0.5, 1.0)
+    assert next(g for g in model["per_genre"] if g["genre"] == "War")["average_precision"] is None
+
+    prior = report["frequency_prior"]
+    # train rows 7-10: Drama 2/4, Comedy 2/4, Action 1/4
+    assert (prior["train_rows"], prior["frequencies"]["Drama"], prior["frequencies"]["Action"]) == (4, 0.5, 0.25)
+    # every row ranks Comedy (index 4) before Drama (index 7) on the tie: top is true for movies 1 and 3
+    assert prior["metrics"]["map_at_1"] == pytest.approx(2 / 3)
+    # {Comedy, Drama} predicted everywhere (>= 0.3): tp 3, fp 3, fn 1 (Action on 1)
+    assert prior["metrics"]["f1_micro"] == pytest.approx(6 / 10)
+
+    markdown = (inputs["out"] / "report.md").read_text()
+    assert "| frequency prior |" in markdown and "1 without a label row" in markdown
+    assert "1 missing_poster" in markdown and markdown in capsys.readouterr().out
+    for name in ("genre_distribution.png", "per_genre_f1.png"):
+        assert (inputs["out"] / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_split_all_and_run_date(inputs):
+    assert run(inputs, "--split", "all") == 0
+    rows = json.loads((inputs["out"] / "report.json").read_text())["rows"]
+    # movies 1, 2, 3, 7, 11 are ok with true genres; 8-10 and 5 have no label row
+    assert rows["in_split"] == 11 and rows["evaluated"] == 5 and rows["excluded"]["no_label_row"] == 4
+
+
+def expect_failure(inputs, caplog, *needles, extra=()):
+    with caplog.at_level(logging.ERROR):
+        assert run(inputs, *extra) == 2
+    for needle in needles:
+        assert needle in caplog.text
+    assert not inputs["out"].exists()
+
+
+def test_older_night_without_scorable_rows_fails(inputs, caplog):
+    expect_failure(inputs, caplog, f"run_date={OLDER}", "'fetch_failed': 5", extra=("--run-date", OLDER))
+
+
+def test_missing_run_date_fails(inputs, caplog):
+    expect_failure(inputs, caplog, "no partition run_date=2023-01-01", extra=("--run-date", "2023-01-01"))
+
+
+def test_empty_labels_dir_fails(inputs, tmp_path, caplog):
+    (tmp_path / "empty").mkdir()
+    inputs = {**inputs, "labels": str(tmp_path / "empty")}
+    expect_failure(inputs, caplog, "empty", "no run_date=YYYY-MM-DD partitions")
+
+
+def test_labels_file_missing_column_fails(inputs, tmp_path, caplog):
+    inputs = {**inputs, "labels": write_labels(tmp_path / "bad_labels", LATEST, drop=["status"])}
+    expect_failure(inputs, caplog, "part-0.parquet", "['status']")
+
+
+def test_catalog_missing_column_fails(inputs, tmp_path, caplog):
+    schema = pa.schema([f for f in CATALOG_SCHEMA if f.name != "genres"])
+    inputs = {**inputs, "catalog": write_catalog(tmp_path / "no_genres.parquet", schema=schema)}
+    expect_failure(inputs, caplog, "no_genres.parquet", "['genres']")
+
+
+def test_catalog_genre_not_scored_by_labels_fails(inputs, tmp_path, caplog):
+    # labels of a model without Western: the catalogue's movie 11 is a Western
+    scored = [g for g in GENRES if g != "Western"]
+    rows = {i: row for i, row in LABELS.items() if i != 11}
+    inputs = {**inputs, "labels": write_labels(tmp_path / "no_western", LATEST, rows, genres=scored)}
+    expect_failure(inputs, caplog, "catalog.parquet", "['Western']", "movie_id 11")
+
+
+def test_split_without_rows_fails(inputs, caplog):
+    expect_failure(inputs, caplog, "no catalogue rows with split 'val'", "['None', 'test', 'train']",
+                   extra=("--split", "val"))
+
+
+def test_parser_flags_have_help():
+    for action in evaluate_job.build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and all(s.startswith("--") for s in action.option_strings)

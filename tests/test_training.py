@@ -1,0 +1,86 @@
+"""Ray Train on a real local Ray: a CNN learns the sample's genre cues, and a re-run resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import load_job
+
+from genre_pipeline.checkpoints import read_meta
+from genre_pipeline.evaluation import frequency_prior, mean_average_precision_at_k, prior_scores
+from genre_pipeline.genres import GENRES, encode_many
+from genre_pipeline.images import PreprocessSpec
+from genre_pipeline.storage import StorageOptions
+from genre_pipeline.training import TRAIN_STATE_FILE, LoopConfig, lr_lambdas
+from genre_pipeline.training_data import fingerprint, is_validation, load_training_rows, positive_weights, split_rows
+
+# Small enough for a 2-core CI machine, big enough to learn: 64 px posters, 2 DDP workers sharing the CPUs
+# with Ray Data's decoding tasks.
+COMMON = ["--arch", "cnn", "--image-size", "64", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "2",
+          "--cpus-per-worker", "0.5", "--val-fraction", "0.25"]
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    return max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: torch.load(p / TRAIN_STATE_FILE)["state"]["epoch"])
+
+
+@pytest.mark.slow
+def test_cnn_learns_beyond_the_frequency_prior(ray_local, sample_catalog, tmp_path):
+    job = load_job("train_genre_model")
+    code = job.main(["--catalog", str(sample_catalog), "--epochs", "10", *COMMON,
+                     "--storage-path", str(tmp_path), "--name", "learn"])
+    assert code == 0
+    meta = read_meta(str(tmp_path / "learn" / "model"))
+    train, val = split_rows(load_training_rows(str(sample_catalog), StorageOptions()), 0.25)
+    y_val = encode_many(val["genres"].to_pylist())
+    prior = prior_scores(frequency_prior(encode_many(train["genres"].to_pylist())), len(y_val))
+    prior_map1 = mean_average_precision_at_k(y_val, prior, 1)
+    assert meta.metrics["val_map_at_1"] >= prior_map1 + 0.1, (meta.metrics, prior_map1)
+    assert meta.metrics["val_map_at_3"] > mean_average_precision_at_k(y_val, prior, 3)
+    assert (meta.arch, meta.genres, meta.preprocess.image_size) == ("cnn", list(GENRES), 64)
+    assert len(meta.thresholds) == 18 and all(0.0 < t < 1.0 for t in meta.thresholds)
+    assert meta.data_fingerprint == fingerprint(train, val)
+
+
+@pytest.mark.slow
+def test_running_the_same_command_again_resumes(ray_local, sample_catalog, tmp_path):
+    job = load_job("train_genre_model")
+    command = ["--catalog", str(sample_catalog), *COMMON, "--storage-path", str(tmp_path), "--name", "resume"]
+    assert job.main([*command, "--epochs", "2"]) == 0
+    after_two = newest_checkpoint(tmp_path / "resume")
+    weights_two = torch.load(after_two / "model.pt")
+    assert job.main([*command, "--epochs", "3"]) == 0
+    latest = newest_checkpoint(tmp_path / "resume")
+    state = torch.load(latest / TRAIN_STATE_FILE)["state"]
+    assert (state["epoch"], state["resumed_from"]) == (3, 2)
+    # One more epoch moved the weights from where epoch 2 left them (a restart would not start there).
+    weights_three = torch.load(latest / "model.pt")
+    assert not torch.equal(weights_two["head.0.weight"], weights_three["head.0.weight"])
+    assert read_meta(str(latest)).epoch == 3
+
+
+def test_validation_split_is_a_stable_hash():
+    chosen = [i for i in range(1, 2001) if is_validation(i, 0.15)]
+    assert 0.12 < len(chosen) / 2000 < 0.18
+    assert chosen == [i for i in range(2000, 0, -1) if is_validation(i, 0.15)][::-1]
+
+
+def test_positive_weights_lift_rare_genres():
+    genres = pa.chunked_array([[["Drama"], ["Drama"], ["Drama", "War"], ["Comedy"]]])
+    weights = positive_weights(pa.table({"genres": genres}), GENRES)
+    by_genre = dict(zip(GENRES, weights, strict=True))
+    assert by_genre["Drama"] == 1.0  # 3 of 4: sqrt(1/3) < 1, floored at 1
+    assert by_genre["War"] == pytest.approx(np.sqrt(3.0), abs=1e-4)
+    assert by_genre["Western"] == pytest.approx(2.0, abs=1e-4)  # no positives: sqrt(4/1)
+
+
+def test_backbone_is_frozen_then_slower():
+    config = LoopConfig(arch="resnet50", genres=list(GENRES), preprocess=PreprocessSpec(224), epochs=10,
+                        batch_size=8, freeze_backbone_epochs=2, backbone_lr_scale=0.1)
+    backbone, head = lr_lambdas(config)
+    assert backbone(0) == backbone(1) == 0.0 and head(0) == 1.0
+    assert backbone(2) == pytest.approx(0.1 * head(2))
