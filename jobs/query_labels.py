@@ -1,0 +1,38 @@
+"""Query the labels with SQL (DuckDB), as a warehouse would.
+
+    python jobs/query_labels.py --labels out/labels --query latest --limit 10
+    python jobs/query_labels.py --labels out/labels --query "SELECT status, count(*) FROM labels GROUP BY 1"
+
+`--query` is one of the documented queries (latest, per_genre, changed) or any SQL over the view `labels`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
+
+from genre_pipeline.warehouse import QUERIES, run_query  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--labels", required=True, help="local labels root (Hive-partitioned by run_date)")
+    p.add_argument("--query", default="latest", help=f"one of {sorted(QUERIES)} or SQL over the view `labels`")
+    p.add_argument("--limit", type=int, default=20, help="rows to print")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    table = run_query(args.labels, args.query)
+    print(QUERIES.get(args.query, args.query).strip())
+    print(table.slice(0, args.limit).to_pandas().to_string(index=False, max_colwidth=60))
+    print(f"({table.num_rows} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
