@@ -16,7 +16,13 @@ from genre_pipeline.genres import GENRES, encode_many
 from genre_pipeline.images import PreprocessSpec
 from genre_pipeline.storage import StorageOptions
 from genre_pipeline.training import TRAIN_STATE_FILE, LoopConfig, lr_lambdas
-from genre_pipeline.training_data import fingerprint, is_validation, load_training_rows, positive_weights, split_rows
+from genre_pipeline.training_data import (
+    fingerprint,
+    is_validation,
+    load_training_rows,
+    positive_weights,
+    split_rows,
+)
 
 # Small enough for a 2-core CI machine, big enough to learn: 64 px posters, 2 DDP workers sharing the CPUs
 # with Ray Data's decoding tasks.

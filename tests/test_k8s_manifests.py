@@ -1,0 +1,545 @@
+"""The Kubernetes manifests under k8s/, checked with the real tools: every kustomization rendered by
+kustomize, core objects against Kubernetes' own schemas, KubeRay objects against the KubeRay v1.7.0 CRD
+schemas (strict: a field the schema does not declare is an error), every entrypoint through the job's own
+argument parser, the nightly RayJob rendered by the very script the CronJob runs, and checkov.
+
+Tools: `kustomize` or `kubectl` (its built-in kustomize), `kubernetes-validate` (pip), `checkov` (on PATH
+or named by $CHECKOV), `busybox` (optional: the render script also runs under it). KubeRay's CRDs come from
+the folder named by $KUBERAY_CRD_SCHEMAS (ray.io_rayjobs.yaml, ray.io_raycronjobs.yaml). A missing tool
+skips its tests on a workstation and fails them where $CI is set.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+
+# Every kustomization that is built on its own (k8s/components/* are only ever included).
+BUILDS = ["overlays/cpu", "overlays/gpu", "optional/raycronjob", "optional/monitoring"]
+# The overlays that carry the nightly CronJob and its template.
+CRONJOB_OVERLAYS = ["overlays/cpu", "overlays/gpu"]
+TRAIN_BUILDS = ["overlays/cpu", "overlays/gpu", "optional/raycronjob"]
+
+NAMESPACE = "genre-pipeline"
+# Core objects are checked against this Kubernetes release's schemas (CronJob.timeZone is GA since 1.27).
+KUBERNETES_VERSION = "1.33"
+CORE_KINDS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"}
+CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCronJob": "ray.io_raycronjobs.yaml"}
+SCHEMAS_ENV = "KUBERAY_CRD_SCHEMAS"
+RUN_DATE = "2026-11-28"
+
+
+# ---------------------------------------------------------------- tools
+
+
+def _missing(what: str) -> None:
+    """A missing tool: skip on a workstation, fail in CI (a silent skip there would hide a missing install)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI is set, so this is a failure, not a skip)")
+    pytest.skip(what)
+
+
+@functools.cache
+def _kustomize_command() -> tuple[str, ...] | None:
+    if shutil.which("kustomize"):
+        return ("kustomize", "build")
+    if shutil.which("kubectl"):
+        return ("kubectl", "kustomize")
+    return None
+
+
+@functools.cache
+def _build_text(build: str) -> str:
+    command = _kustomize_command()
+    if command is None:
+        _missing("neither `kustomize` nor `kubectl` is on PATH: install either (Debian: kubectl/kubernetes-client)")
+    result = subprocess.run([*command, str(K8S / build)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{' '.join(command)} k8s/{build} failed:\n{result.stderr}"
+    return result.stdout
+
+
+def render(build: str) -> list[dict]:
+    """The objects `kubectl apply -k k8s/<build>` would send (a fresh copy each call)."""
+    return [doc for doc in yaml.safe_load_all(_build_text(build)) if doc is not None]
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def generated(docs: list[dict], name: str) -> dict:
+    """A configMapGenerator's ConfigMap, by its name before kustomize appended the content hash."""
+    return one([d for d in docs if re.fullmatch(rf"{name}-[a-z0-9]{{10}}", d["metadata"]["name"])], "ConfigMap")
+
+
+def settings(docs: list[dict]) -> dict[str, str]:
+    return generated(docs, "genre-pipeline-settings")["data"]
+
+
+def render_label_rayjob(docs: list[dict], tmp_path: Path, run_date: str | None = RUN_DATE,
+                        shell: tuple[str, ...] = ("sh",), path: str | None = None,
+                        drop: str | None = None) -> subprocess.CompletedProcess:
+    """Run the CronJob's init container by hand: its script and template from the rendered ConfigMap, its
+    environment from the rendered settings ConfigMap (as envFrom gives it), output to tmp_path/rayjob.yaml."""
+    template = generated(docs, "genre-label-rayjob-template")["data"]
+    (tmp_path / "label-rayjob.yaml").write_text(template["label-rayjob.yaml"])
+    (tmp_path / "render.sh").write_text(template["render.sh"])
+    env = {"PATH": path or os.environ["PATH"], **settings(docs)}
+    if run_date is not None:
+        env["RUN_DATE"] = run_date
+    if drop:
+        env.pop(drop)
+    return subprocess.run([*shell, str(tmp_path / "render.sh"), str(tmp_path / "label-rayjob.yaml"),
+                           str(tmp_path / "rayjob.yaml")], env=env, capture_output=True, text=True, timeout=30)
+
+
+def rendered_label_rayjob(docs: list[dict], tmp_path: Path, **kwargs) -> dict:
+    result = render_label_rayjob(docs, tmp_path, **kwargs)
+    assert result.returncode == 0, f"render.sh failed:\n{result.stderr}"
+    text = (tmp_path / "rayjob.yaml").read_text()
+    assert "${" not in text, "placeholders left in the rendered RayJob"
+    return yaml.safe_load(text)
+
+
+# ---------------------------------------------------------------- schemas
+
+
+def _strict(schema):
+    """The schema with additionalProperties: false on every object schema that lists properties and leaves
+    unknown fields neither allowed (additionalProperties) nor preserved (x-kubernetes-preserve-unknown-fields)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "patternProperties", "definitions"):
+            out[key] = {name: _strict(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties", "not", "anyOf", "allOf", "oneOf"):
+            out[key] = _strict(value)
+        else:
+            out[key] = value
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def _crd_schema(kind: str, strict: bool = True) -> dict:
+    folder = os.environ.get(SCHEMAS_ENV)
+    if not folder:
+        pytest.skip(f"{SCHEMAS_ENV} is not set: point it at the folder with KubeRay's CRDs "
+                    f"({', '.join(CRD_FILES.values())}), e.g. ../shared/k8s-schemas")
+    path = Path(folder) / CRD_FILES[kind]
+    assert path.is_file(), f"{SCHEMAS_ENV}={folder}: no {CRD_FILES[kind]} there"
+    crd = yaml.safe_load(path.read_text())
+    assert crd["spec"]["names"]["kind"] == kind
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = version["schema"]["openAPIV3Schema"]
+    return _strict(schema) if strict else schema
+
+
+def crd_errors(obj: dict, strict: bool = True) -> list[str]:
+    schema = _crd_schema(obj["kind"], strict)
+    validator = jsonschema.Draft4Validator(schema)  # OpenAPI v3.0 schemas are draft-4 flavoured
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def assert_valid_crd(obj: dict) -> None:
+    assert obj["apiVersion"] == "ray.io/v1"
+    errors = crd_errors(obj)
+    assert not errors, f"{obj['kind']} {obj['metadata']['name']} breaks the KubeRay CRD schema:\n" + "\n".join(errors)
+
+
+@functools.cache
+def _kubernetes_validate():
+    try:
+        import kubernetes_validate
+    except ImportError:
+        _missing("kubernetes-validate is not installed: pip install kubernetes-validate")
+    return kubernetes_validate
+
+
+# ---------------------------------------------------------------- the jobs' own parsers
+
+
+@functools.cache
+def _job_parser(script: str):
+    path = REPO / script
+    assert path.is_file(), f"the entrypoint names {script}, which does not exist"
+    spec = importlib.util.spec_from_file_location(f"k8s_entrypoint_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def parse_entrypoint(entrypoint: str, script: str, capsys):
+    """The entrypoint's arguments through the job's own argparse parser; an unknown flag fails the test."""
+    argv = shlex.split(entrypoint)
+    assert argv[:2] == ["python", script], f"entrypoint should start with `python {script}`: {entrypoint}"
+    parser = _job_parser(script)
+    try:
+        return parser.parse_args(argv[2:])
+    except SystemExit:
+        pytest.fail(f"{script} rejects the entrypoint's arguments: {capsys.readouterr().err.strip()}\n"
+                    f"entrypoint: {entrypoint}")
+
+
+# ================================================================ the files
+
+
+def _yaml_files() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def test_every_yaml_file_under_k8s_parses():
+    files = _yaml_files()
+    assert len(files) >= 10, files
+    for path in files:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert docs, f"{path.relative_to(REPO)} holds no YAML document"
+        for doc in docs:
+            assert isinstance(doc, dict) and {"apiVersion", "kind"} <= doc.keys(), \
+                f"{path.relative_to(REPO)}: a document without apiVersion/kind"
+
+
+def test_no_secret_is_shipped():
+    """Credentials come from a Secret created by hand; no manifest carries one or anything key-shaped."""
+    for path in _yaml_files():
+        text = path.read_text()
+        assert not re.search(r"AKIA[0-9A-Z]{16}", text), f"{path}: an AWS access key id"
+        for doc in yaml.safe_load_all(text):
+            assert doc is None or doc.get("kind") != "Secret", f"{path.relative_to(REPO)} ships a Secret"
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_kustomization_renders(build):
+    docs = render(build)
+    assert docs
+    names = set()
+    for doc in docs:
+        assert {"apiVersion", "kind", "metadata"} <= doc.keys()
+        key = (doc["kind"], doc["metadata"]["name"])
+        assert key not in names, f"{key} twice"
+        names.add(key)
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == NAMESPACE, f"{key} outside {NAMESPACE}"
+        assert doc["metadata"]["labels"].get("app.kubernetes.io/part-of") == "genre-pipeline", key
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_core_objects_match_the_kubernetes_schemas_strictly(build):
+    kv = _kubernetes_validate()
+    core = [d for d in render(build) if d["kind"] in CORE_KINDS]
+    for doc in core:
+        try:
+            kv.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kv.ValidationError as error:
+            pytest.fail(f"k8s/{build}: {doc['kind']} {doc['metadata']['name']}: {error}")
+    unchecked = {d["kind"] for d in render(build)} - CORE_KINDS - set(CRD_FILES) - {"PodMonitor"}
+    assert not unchecked, f"kinds no test validates: {unchecked}"
+
+
+# ================================================================ KubeRay objects
+
+
+@pytest.mark.parametrize("build", TRAIN_BUILDS)
+def test_training_rayjob_matches_the_crd_strictly(build):
+    assert_valid_crd(one(render(build), "RayJob", "genre-train"))
+
+
+@pytest.mark.parametrize("build", CRONJOB_OVERLAYS)
+def test_nightly_label_rayjob_matches_the_crd_strictly(build, tmp_path):
+    assert_valid_crd(rendered_label_rayjob(render(build), tmp_path))
+
+
+def test_raycronjob_matches_the_crd_strictly():
+    assert_valid_crd(one(render("optional/raycronjob"), "RayCronJob", "genre-label"))
+
+
+def test_strict_schema_rejects_a_misspelt_key():
+    """The CRD leaves RayJob.spec open to unknown fields; the strict copy does not, so a typo is caught."""
+    train = one(render("overlays/gpu"), "RayJob", "genre-train")
+    assert crd_errors(train) == []
+
+    typo = copy.deepcopy(train)
+    typo["spec"]["shutdownAfterJobFinishe"] = typo["spec"].pop("shutdownAfterJobFinishes")
+    assert crd_errors(typo, strict=False) == [], "the CRD as shipped accepts the typo: the strict check is needed"
+    errors = crd_errors(typo)
+    assert any("shutdownAfterJobFinishe" in e and e.startswith("spec:") for e in errors), errors
+
+    nested = copy.deepcopy(train)
+    worker = nested["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    worker["resource"] = worker.pop("resources")
+    assert any("'resource' was unexpected" in e for e in crd_errors(nested)), crd_errors(nested)
+
+
+@pytest.mark.parametrize("build", TRAIN_BUILDS)
+def test_rayjobs_clean_up_authenticate_and_take_s3_credentials_from_the_secret(build, tmp_path):
+    docs = render(build)
+    jobs = [one(docs, "RayJob", "genre-train")["spec"]]
+    if build in CRONJOB_OVERLAYS:
+        jobs.append(rendered_label_rayjob(docs, tmp_path)["spec"])
+    else:
+        jobs.append(one(docs, "RayCronJob", "genre-label")["spec"]["jobTemplate"])
+    for spec in jobs:
+        assert spec["shutdownAfterJobFinishes"] is True
+        assert 0 < spec["ttlSecondsAfterFinished"] <= 3600
+        assert spec["activeDeadlineSeconds"] > 0
+        assert spec["backoffLimit"] >= 1
+        cluster = spec["rayClusterSpec"]
+        assert cluster["rayVersion"] == "2.60.0"
+        assert cluster["authOptions"] == {"mode": "token"}, "Ray token authentication stays on"
+        pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+        for pod in pods:
+            (container,) = pod["spec"]["containers"]
+            assert {"secretRef": {"name": "genre-pipeline-s3"}} in container["envFrom"]
+            assert {"name": "metrics", "containerPort": 8080} in container["ports"]
+            assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+            assert pod["spec"]["automountServiceAccountToken"] is False
+            assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+# ================================================================ sizes, images, settings
+
+
+@pytest.mark.parametrize("build", TRAIN_BUILDS)
+def test_images_are_the_overlays_pinned_job_image(build):
+    docs = render(build)
+    job_image = settings(docs)["IMAGE"]
+    assert re.fullmatch(r"[a-z0-9./-]+/genre-pipeline:[0-9A-Za-z._-]+", job_image), job_image
+    assert not job_image.endswith(":latest")
+    train = one(docs, "RayJob", "genre-train")["spec"]
+    cluster = train["rayClusterSpec"]
+    images = {c["image"] for t in [cluster["headGroupSpec"]["template"], train["submitterPodTemplate"],
+                                   *[g["template"] for g in cluster["workerGroupSpecs"]]]
+              for c in t["spec"]["containers"]}
+    assert images == {job_image}
+
+
+@pytest.mark.parametrize("build", CRONJOB_OVERLAYS)
+def test_label_cluster_is_the_training_cluster(build, tmp_path):
+    """The label template is text, so kustomize cannot patch it: it must come out identical to the
+    training RayJob's cluster and submitter once the settings are filled in."""
+    docs = render(build)
+    train = one(docs, "RayJob", "genre-train")["spec"]
+    label = rendered_label_rayjob(docs, tmp_path)["spec"]
+    assert label["rayClusterSpec"] == train["rayClusterSpec"]
+    assert label["submitterPodTemplate"] == train["submitterPodTemplate"]
+
+
+def _workers(build: str) -> dict:
+    (group,) = one(render(build), "RayJob", "genre-train")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    return group
+
+
+def test_gpu_overlay_has_four_one_gpu_workers_on_gpu_nodes():
+    group = _workers("overlays/gpu")
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
+    pod = group["template"]["spec"]
+    (worker,) = pod["containers"]
+    assert worker["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert worker["resources"]["requests"] == worker["resources"]["limits"]
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+def test_cpu_overlay_is_small_and_has_no_gpus():
+    group = _workers("overlays/cpu")
+    assert 1 <= group["replicas"] <= 2
+    (worker,) = group["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"].get("nvidia.com/gpu", "0") == "0"
+    assert int(worker["resources"]["limits"]["cpu"]) <= 2
+
+
+# ================================================================ entrypoints vs the jobs' parsers
+
+
+@pytest.mark.parametrize("build", TRAIN_BUILDS)
+def test_training_entrypoint_is_accepted_by_the_training_job(build, capsys):
+    docs = render(build)
+    values = settings(docs)
+    args = parse_entrypoint(one(docs, "RayJob", "genre-train")["spec"]["entrypoint"],
+                            "jobs/train_genre_model.py", capsys)
+    bucket = values["BUCKET"]
+    assert args.catalog == f"s3://{bucket}/catalog/catalog.parquet"
+    assert args.storage_path == f"s3://{bucket}/runs"
+    assert args.name == values["RUN_NAME"]
+    assert args.pushgateway == "pushgateway.monitoring:9091"
+    assert (args.epochs, args.batch_size) == (20, 64)
+    if build == "overlays/cpu":
+        assert (args.arch, args.num_workers, args.use_gpu) == ("cnn", 2, False)
+    else:
+        assert (args.arch, args.num_workers, args.use_gpu) == ("resnet50", 4, True)
+    gpus = int(values["WORKERS"]) * int(values["WORKER_GPUS"])
+    assert gpus == (args.num_workers if args.use_gpu else 0), "one GPU per DDP worker"
+
+
+@pytest.mark.parametrize("build", CRONJOB_OVERLAYS)
+def test_nightly_label_entrypoint_is_accepted_by_the_label_job(build, tmp_path, capsys):
+    docs = render(build)
+    values = settings(docs)
+    job = rendered_label_rayjob(docs, tmp_path)
+    assert job["metadata"]["name"] == f"genre-label-{RUN_DATE}"
+    args = parse_entrypoint(job["spec"]["entrypoint"], "jobs/label_catalog.py", capsys)
+    bucket = values["BUCKET"]
+    assert args.catalog == f"s3://{bucket}/catalog/catalog.parquet"
+    assert args.model == f"s3://{bucket}/runs/{values['RUN_NAME']}/model"
+    assert args.output == f"s3://{bucket}/labels"
+    assert args.run_date == RUN_DATE
+    assert args.pushgateway == "pushgateway.monitoring:9091"
+    assert args.batch_size == 64
+    if build == "overlays/cpu":
+        assert (args.actors, args.num_gpus_per_actor) == (2, 0)
+    else:
+        assert (args.actors, args.num_gpus_per_actor) == (4, 1)
+    assert args.actors * args.num_gpus_per_actor == int(values["WORKERS"]) * int(values["WORKER_GPUS"])
+
+
+def test_raycronjob_entrypoint_is_accepted_by_the_label_job(capsys):
+    docs = render("optional/raycronjob")
+    values = settings(docs)
+    spec = one(docs, "RayCronJob", "genre-label")["spec"]
+    assert spec["timeZone"] == "Etc/UTC"
+    args = parse_entrypoint(spec["jobTemplate"]["entrypoint"], "jobs/label_catalog.py", capsys)
+    assert args.model == f"s3://{values['BUCKET']}/runs/{values['RUN_NAME']}/model"
+    assert args.output == f"s3://{values['BUCKET']}/labels"
+    assert (args.actors, args.num_gpus_per_actor) == (4, 1)
+    # No CronJob launcher in this variant: the operator creates the RayJobs.
+    assert not [d for d in docs if d["kind"] in ("CronJob", "Role", "RoleBinding", "ServiceAccount")]
+
+
+# ================================================================ the nightly CronJob
+
+
+@pytest.mark.parametrize("build", CRONJOB_OVERLAYS)
+def test_cronjob_launches_one_labelling_rayjob_a_night(build):
+    docs = render(build)
+    cron = one(docs, "CronJob", "genre-label-nightly")["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid"
+    assert cron["timeZone"] == "Etc/UTC"
+    assert cron["startingDeadlineSeconds"] > 0
+    assert cron["successfulJobsHistoryLimit"] >= 1 and cron["failedJobsHistoryLimit"] >= 1
+    pod = cron["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False
+
+    # The names kustomize generated are the names the pod uses.
+    sa = one(docs, "ServiceAccount", pod["serviceAccountName"])
+    assert sa["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    template_cm = generated(docs, "genre-label-rayjob-template")
+    assert volumes["template"]["configMap"]["name"] == template_cm["metadata"]["name"]
+    (render_step,) = pod["initContainers"]
+    assert render_step["envFrom"] == [{"configMapRef": {"name": generated(docs, "genre-pipeline-settings")
+                                                        ["metadata"]["name"]}}]
+    assert render_step["command"][:2] == ["/bin/sh", "/template/render.sh"]
+    assert Path(render_step["command"][2]).name in template_cm["data"]
+
+    # Only the container that talks to the API server gets a token.
+    (create,) = pod["containers"]
+    assert create["args"][0] == "create"
+    token_mounts = {c["name"] for c in [render_step, create]
+                    for m in c.get("volumeMounts", []) if m["name"] == "kube-api-access"}
+    assert token_mounts == {"create"}
+    for container in (render_step, create):
+        image = container["image"]
+        assert re.search(r":[0-9A-Za-z._-]+$", image) and not image.endswith(":latest"), image
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["resources"]["limits"]
+
+
+@pytest.mark.parametrize("build", CRONJOB_OVERLAYS)
+def test_launcher_may_only_create_rayjobs_in_its_namespace(build):
+    docs = render(build)
+    role = one(docs, "Role", "genre-label-launcher")
+    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]}]
+    binding = one(docs, "RoleBinding", "genre-label-launcher")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": "genre-label-launcher"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "genre-label-launcher",
+                                    "namespace": NAMESPACE}]
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+
+
+def _busybox_path(tmp_path: Path) -> str | None:
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        return None
+    applets = tmp_path / "busybox-bin"
+    applets.mkdir()
+    for applet in ("sh", "awk", "date"):
+        (applets / applet).symlink_to(busybox)
+    return str(applets)
+
+
+@pytest.mark.parametrize("shell", ["sh", "busybox"])
+def test_render_script_defaults_to_todays_utc_date(shell, tmp_path):
+    path = None
+    if shell == "busybox":
+        path = _busybox_path(tmp_path)
+        if path is None:
+            pytest.skip("busybox is not installed (Debian: apt-get install busybox): ran under sh only")
+    docs = render("overlays/gpu")
+    before = datetime.now(timezone.utc).date().isoformat()
+    job = rendered_label_rayjob(docs, tmp_path, run_date=None, shell=("sh",), path=path)
+    after = datetime.now(timezone.utc).date().isoformat()
+    assert job["metadata"]["name"] in {f"genre-label-{before}", f"genre-label-{after}"}
+    run_date = job["metadata"]["labels"]["genre-pipeline/run-date"]
+    assert f"--run-date {run_date}" in job["spec"]["entrypoint"]
+    assert len(job["metadata"]["name"]) <= 63
+
+
+def test_render_script_fails_on_an_unset_setting_or_a_bad_date(tmp_path):
+    docs = render("overlays/cpu")
+    missing = render_label_rayjob(docs, tmp_path, drop="BUCKET")
+    assert missing.returncode != 0 and "BUCKET is not set" in missing.stderr
+    bad_date = render_label_rayjob(docs, tmp_path, run_date="28.11.2026")
+    assert bad_date.returncode != 0 and "YYYY-MM-DD" in bad_date.stderr
+
+
+# ================================================================ security scan
+
+
+def _checkov() -> str:
+    checkov = os.environ.get("CHECKOV") or shutil.which("checkov")
+    if not checkov:
+        _missing("checkov is not installed: pip install checkov (in a venv of its own), "
+                 "then put it on PATH or set CHECKOV=/path/to/checkov")
+    return checkov
+
+
+def test_checkov_passes_on_the_manifests_and_the_rendered_overlays():
+    """Raw files (kubernetes) and every kustomization as kustomize renders it (kustomize). Offline:
+    --skip-download keeps checkov from fetching guidelines or external checks."""
+    if _kustomize_command() is None:
+        _missing("checkov's kustomize framework needs `kustomize` or `kubectl` on PATH")
+    result = subprocess.run(
+        [_checkov(), "--directory", str(K8S), "--framework", "kubernetes", "--framework", "kustomize",
+         "--skip-download", "--compact", "--quiet"],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, f"checkov found problems:\n{result.stdout}\n{result.stderr}"
+    assert "Passed checks" in result.stdout

@@ -1,0 +1,105 @@
+"""Several nights of labels queried with DuckDB, and the README's DDL checked against the real Parquet."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from genre_pipeline.catalog import write_catalog
+from genre_pipeline.checkpoints import ModelMeta, save_checkpoint
+from genre_pipeline.genres import GENRES
+from genre_pipeline.images import PreprocessSpec
+from genre_pipeline.labelling import LabelConfig, label_catalog
+from genre_pipeline.models import build_model
+from genre_pipeline.sample import build_sample_catalog
+from genre_pipeline.warehouse import QUERIES, run_query
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+NIGHTS = ("2026-11-01", "2026-11-02")
+
+
+def save_model(directory: Path, threshold: float) -> str:
+    torch.manual_seed(0)
+    meta = ModelMeta(arch="cnn", genres=list(GENRES), preprocess=PreprocessSpec(image_size=32),
+                     thresholds=[threshold] * len(GENRES), epoch=1)
+    save_checkpoint(directory, build_model(arch="cnn", num_genres=len(GENRES)), meta)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def nights(ray_local, tmp_path_factory):
+    """Night 1 with a strict model (threshold 1.01: no genre), night 2 run twice with a lenient one (0.0: all)."""
+    root = tmp_path_factory.mktemp("warehouse")
+    table = build_sample_catalog(str(root), 30, seed=3, poster_size=(48, 72))
+    write_catalog(table, str(root / "catalog.parquet"))
+    strict, lenient = save_model(root / "strict", 1.01), save_model(root / "lenient", 0.0)
+    config = {"catalog": str(root / "catalog.parquet"), "output": str(root / "labels")}
+    label_catalog(LabelConfig(**config, model=strict, run_date=NIGHTS[0]))
+    label_catalog(LabelConfig(**config, model=lenient, run_date=NIGHTS[1]))
+    label_catalog(LabelConfig(**config, model=lenient, run_date=NIGHTS[1]))
+    ok_ids = [r["movie_id"] for r in table.to_pylist() if r["poster_uri"] is not None]
+    return root / "labels", table, ok_ids
+
+
+def test_latest_label_per_movie(nights):
+    labels, catalog, _ = nights
+    latest = run_query(str(labels), "latest")
+    assert latest["movie_id"].to_pylist() == catalog["movie_id"].to_pylist()
+    assert {str(d) for d in latest["run_date"].to_pylist()} == {NIGHTS[1]}
+
+
+def test_movies_per_genre(nights):
+    labels, _, ok_ids = nights
+    per_genre = run_query(str(labels), "per_genre").to_pylist()
+    # The lenient model predicts every genre for every movie with a poster.
+    assert {row["genre"]: row["movies"] for row in per_genre} == {g: len(ok_ids) for g in GENRES}
+
+
+def test_movies_whose_labels_changed(nights):
+    labels, _, ok_ids = nights
+    changed = run_query(str(labels), "changed")
+    assert changed["movie_id"].to_pylist() == ok_ids
+    assert all(before == [] for before in changed["before"].to_pylist())
+    assert all(after == list(GENRES) for after in changed["after"].to_pylist())
+
+
+def test_each_night_has_one_row_per_movie(nights):
+    labels, catalog, _ = nights
+    counts = run_query(str(labels), "SELECT run_date, count(*) AS n, count(DISTINCT movie_id) AS d "
+                                    "FROM labels GROUP BY run_date ORDER BY run_date").to_pylist()
+    assert [(str(r["run_date"]), r["n"], r["d"]) for r in counts] == [(n, catalog.num_rows, catalog.num_rows)
+                                                                     for n in NIGHTS]
+
+
+HIVE_TO_ARROW = {"bigint": pa.int64(), "string": pa.string(), "float": pa.float32(),
+                 "array<string>": pa.list_(pa.string()), "timestamp": pa.timestamp("us", tz="UTC")}
+
+
+def readme_ddl() -> tuple[list[tuple[str, str]], str]:
+    text = README.read_text()
+    body = re.search(r"CREATE EXTERNAL TABLE genre_labels \((.*?)\n\)\nPARTITIONED BY \((.*?)\)", text, re.S)
+    assert body, "README lost its CREATE EXTERNAL TABLE statement"
+    columns = [tuple(line.strip().rstrip(",").split(" ", 1)) for line in body.group(1).strip().splitlines()]
+    return columns, body.group(2)
+
+
+def test_readme_ddl_matches_the_parquet_the_job_writes(nights):
+    labels, _, _ = nights
+    written = pq.read_schema(next((labels / f"run_date={NIGHTS[1]}").glob("*.parquet")))
+    columns, partition = readme_ddl()
+    assert [name for name, _ in columns] == written.names
+    for name, hive_type in columns:
+        assert HIVE_TO_ARROW[hive_type] == written.field(name).type, name
+    assert partition == "run_date string"
+
+
+def test_readme_queries_are_the_tested_ones():
+    normalise = lambda sql: " ".join(sql.replace(";", "").split())  # noqa: E731
+    readme = normalise(README.read_text())
+    for name, sql in QUERIES.items():
+        assert normalise(sql) in readme, f"README's '{name}' query differs from genre_pipeline/warehouse.py"
