@@ -39,6 +39,12 @@ def labels_schema(genres: Sequence[str] = GENRES) -> pa.Schema:
     )
 
 
+def _string_array(values: np.ndarray) -> pa.Array:
+    """Strings with nulls. A batch whose column is all null can reach us as a float NaN array after Ray Data's
+    Arrow round trip, so anything that is not a string is a null."""
+    return pa.array([v if isinstance(v, str) else None for v in values], pa.string())
+
+
 def to_label_table(
     batch: dict[str, np.ndarray], *, genres: Sequence[str], thresholds: np.ndarray, model_version: str,
     run_id: str, labelled_at: datetime,
@@ -51,14 +57,14 @@ def to_label_table(
     count = len(scores)
     columns = {
         "movie_id": pa.array(batch["movie_id"], pa.int64()),
-        "title": pa.array(list(batch["title"]), pa.string()),
-        "poster_uri": pa.array(list(batch["poster_uri"]), pa.string()),
+        "title": _string_array(batch["title"]),
+        "poster_uri": _string_array(batch["poster_uri"]),
         **{name: pa.array(scores[:, i], pa.float32(), mask=~ok) for i, name in enumerate(score_columns(genres))},
         "genres": pa.array([g if keep else None for g, keep in zip(predicted, ok, strict=True)],
                            pa.list_(pa.string())),
         "top_genre": pa.array([t if keep else None for t, keep in zip(top, ok, strict=True)], pa.string()),
-        "status": pa.array(list(batch["status"]), pa.string()),
-        "error": pa.array(list(batch["error"]), pa.string()),
+        "status": _string_array(batch["status"]),
+        "error": _string_array(batch["error"]),
         "model_version": pa.array([model_version] * count, pa.string()),
         "labelled_at": pa.array([labelled_at] * count, pa.timestamp("us", tz="UTC")),
         "run_id": pa.array([run_id] * count, pa.string()),
