@@ -25,18 +25,24 @@ from genre_pipeline.warehouse import run_query
 
 NIGHT = "2026-11-20"
 MOVIES = 1200  # long enough that the kill lands after the first staged file and well before the commit
+PARTS = 12
 JOB_TIMEOUT_SECONDS = 300
 
 
 @pytest.fixture(scope="module")
 def night_inputs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("nightly")
-    write_catalog(build_sample_catalog(str(root), MOVIES, seed=5, poster_size=(48, 72)), str(root / "catalog.parquet"))
+    table = build_sample_catalog(str(root), MOVIES, seed=5, poster_size=(48, 72))
+    # A catalogue of several files, as large catalogues are: Ray Data streams them, so the night's files
+    # reach staging one after another and the kill lands mid-write, not after the last file.
+    for part in range(PARTS):
+        rows = MOVIES // PARTS
+        write_catalog(table.slice(part * rows, rows), str(root / "catalog" / f"part-{part:02d}.parquet"))
     torch.manual_seed(0)
     save_checkpoint(root / "model", build_model(arch="cnn", num_genres=len(GENRES)),
-                    ModelMeta(arch="cnn", genres=list(GENRES), preprocess=PreprocessSpec(image_size=32),
+                    ModelMeta(arch="cnn", genres=list(GENRES), preprocess=PreprocessSpec(image_size=128),
                               thresholds=[0.5] * len(GENRES), epoch=1))
-    return {"catalog": str(root / "catalog.parquet"), "model": str(root / "model"), "output": str(root / "labels")}
+    return {"catalog": str(root / "catalog"), "model": str(root / "model"), "output": str(root / "labels")}
 
 
 def label_command(inputs: dict[str, str]) -> list[str]:
@@ -69,8 +75,9 @@ def wait_for_staged_file(output: Path, process: subprocess.Popen) -> None:
     while time.monotonic() < deadline and process.poll() is None:
         if any((output / "_staging").rglob("*.parquet")):
             return
-        time.sleep(0.2)
-    raise AssertionError("the job never staged a file before ending")
+        time.sleep(0.05)
+    output_text = process.stdout.read() if process.poll() is not None else "(still running)"
+    raise AssertionError(f"no staged file before the job ended (exit {process.returncode}):\n{output_text[-3000:]}")
 
 
 def night_rows(output: str) -> list[dict]:
