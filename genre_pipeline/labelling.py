@@ -22,9 +22,10 @@ from genre_pipeline.posters import decode_posters, fetch_posters
 logger = logging.getLogger(__name__)
 
 CATALOG_COLUMNS = ["movie_id", "title", "poster_uri"]
-# Rows per fetch/decode task: enough to amortise task overhead, small enough that a block of decoded
-# 224px images (~150 KB each) stays around 40 MB in the object store.
-DECODE_BATCH_ROWS = 256
+# Rows per block and per fetch/decode task: enough to amortise task overhead, small enough that a block of
+# decoded 224px images (~150 KB each) stays around 20 MB in the object store and that even a small
+# catalogue splits into enough blocks to keep every actor busy.
+DECODE_BATCH_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ def build_label_dataset(
     return (
         ray.data.read_parquet(path, filesystem=fs)
         .select_columns(CATALOG_COLUMNS)  # projection is pushed down into the Parquet read
+        # Small blocks, streamed: a catalogue that is one Parquet file must still feed every actor of the pool.
+        .repartition(target_num_rows_per_block=DECODE_BATCH_ROWS)
         .map_batches(fetch_posters, fn_kwargs={"options": options}, batch_size=DECODE_BATCH_ROWS)
         .map_batches(decode_posters, fn_kwargs={"image_size": meta.preprocess.image_size},
                      batch_size=DECODE_BATCH_ROWS)
