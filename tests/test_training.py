@@ -31,7 +31,8 @@ COMMON = ["--arch", "cnn", "--image-size", "64", "--batch-size", "16", "--lr", "
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
-    return max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: torch.load(p / TRAIN_STATE_FILE)["state"]["epoch"])
+    checkpoints = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    return max(checkpoints, key=lambda p: torch.load(p / TRAIN_STATE_FILE)["state"]["epoch"])
 
 
 @pytest.mark.slow
