@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,7 +11,7 @@ import pyarrow.compute as pc
 import ray
 
 from genre_pipeline import storage
-from genre_pipeline.catalog import read_catalog
+from genre_pipeline.catalog import is_validation, read_catalog
 from genre_pipeline.genres import encode_many
 from genre_pipeline.images import augment_batch, training_augmentation
 from genre_pipeline.labels import STATUS_OK
@@ -24,11 +23,6 @@ ROWS_PER_BLOCK = 128
 # Positive-class weights are capped: a genre with 3 examples must not dominate the loss.
 MAX_POS_WEIGHT = 10.0
 GENRE_SEPARATOR = "|"
-
-
-def is_validation(movie_id: int, fraction: float) -> bool:
-    """Stable across runs, machines and catalogue order: a hash of the id, not a random draw."""
-    return zlib.crc32(f"val:{movie_id}".encode()) % 10_000 < fraction * 10_000
 
 
 def load_training_rows(catalog_uri: str, options: storage.StorageOptions) -> pa.Table:

@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genre_pipeline import evaluation, storage  # noqa: E402
-from genre_pipeline.catalog import CatalogError, read_catalog, validate_schema  # noqa: E402
+from genre_pipeline.catalog import CatalogError, is_validation, read_catalog, validate_schema  # noqa: E402
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, UnknownGenreError, column_name, encode_many  # noqa: E402
 from genre_pipeline.labels import PARTITION_KEY, STATUS_OK  # noqa: E402
 from genre_pipeline.runtime import add_storage_flags, setup_logging, storage_options_from  # noqa: E402
@@ -42,6 +42,7 @@ logger = logging.getLogger("evaluate")
 
 ALL_SPLITS = "all"
 TRAIN_SPLIT = "train"  # the prior's genre shares come from these catalogue rows
+VALIDATION_SPLIT = "validation"
 LABEL_COLUMNS = ("movie_id", "genres", "status")  # plus at least one score_<genre> column
 PARTITION_DIR = re.compile(rf"^{PARTITION_KEY}=(\d{{4}}-\d{{2}}-\d{{2}})$")
 TRUE_GENRES, PREDICTED = "true_genres", "predicted_genres"
@@ -58,6 +59,7 @@ class Config:
     split: str = "test"
     run_date: str | None = None  # None: the latest partition present
     out: str | None = None  # None: evaluation/run_date=<date>/split=<split>
+    val_fraction: float | None = None  # set: train rows held out by training become split "validation"
     storage_options: storage.StorageOptions = storage.StorageOptions()
 
 
@@ -88,14 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels partition YYYY-MM-DD; default: the latest present")
     p.add_argument("--out", default=defaults.out,
                    help="output directory (local or s3://); default: evaluation/run_date=<date>/split=<split>")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"the training job's --val-fraction: its held-out train rows become split "
+                        f"'{VALIDATION_SPLIT}' (evaluate with --split {VALIDATION_SPLIT}); the prior then comes "
+                        "from the remaining train rows")
     add_storage_flags(p)
     return p
+
+
+def mark_validation_rows(catalog: pa.Table, val_fraction: float) -> pa.Table:
+    """Relabel the train rows that training held out (the same stable hash of movie_id) as 'validation'."""
+    held_out = [split == TRAIN_SPLIT and is_validation(movie_id, val_fraction)
+                for movie_id, split in zip(catalog["movie_id"].to_pylist(), catalog["split"].to_pylist(), strict=True)]
+    splits = pc.if_else(pa.array(held_out), VALIDATION_SPLIT, catalog["split"])
+    return catalog.set_column(catalog.schema.get_field_index("split"), "split", splits)
 
 
 def parse_config(argv: list[str] | None) -> Config:
     args = build_parser().parse_args(argv)
     return Config(labels=args.labels, catalog=args.catalog, split=args.split, run_date=args.run_date,
-                  out=args.out, storage_options=storage_options_from(args))
+                  out=args.out, val_fraction=args.val_fraction, storage_options=storage_options_from(args))
 
 
 def partition_dates(labels: str, options: storage.StorageOptions) -> list[str]:
@@ -279,12 +293,29 @@ def plots(train_y: np.ndarray, rows: EvalRows, model: evaluation.MetricsReport, 
     return {"genre_distribution.png": distribution.getvalue(), "per_genre_f1.png": per_genre.getvalue()}
 
 
+def check_storage(config: Config) -> None:
+    """Fail fast, naming the URI, when an input cannot be read or `--out` written (endpoint, credentials, bucket,
+    prefix), before the evaluation's work."""
+    storage.check_readable(config.labels, config.storage_options)
+    storage.check_readable(config.catalog, config.storage_options)
+    if config.out:
+        storage.check_writable(config.out, config.storage_options)
+
+
+def write_outputs(out: str, files: dict[str, bytes], options: storage.StorageOptions) -> None:
+    with storage.reporting_errors(out, "write"):
+        for name, data in files.items():
+            storage.write_bytes(storage.join(out, name), data, options)
+
+
 def evaluate(config: Config) -> tuple[str, dict[str, bytes]]:
     """Read, check, score, render: everything in memory, so that a bad input leaves nothing written."""
     run_date = resolve_run_date(config)
     partition = storage.join(config.labels, f"{PARTITION_KEY}={run_date}")
     labels, genres = read_labels(partition, config.storage_options)
     catalog = read_eval_catalog(config)
+    if config.val_fraction is not None:
+        catalog = mark_validation_rows(catalog, config.val_fraction)
     check_catalog_genres(catalog, genres, config.catalog)
     split_rows = select_split(catalog, config.split, config.catalog)
     rows = eval_rows(split_rows, labels, genres, partition)
@@ -309,13 +340,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(argv)
     try:
+        check_storage(config)
         out, files = evaluate(config)
     # OSError/ArrowInvalid: an unreadable file or path; writing happens only after this, so nothing is left behind.
     except (EvaluationInputError, CatalogError, storage.StorageError, OSError, pa.ArrowInvalid) as error:
         logger.error("%s", error)
         return 2
-    for name, data in files.items():
-        storage.write_bytes(storage.join(out, name), data, config.storage_options)
+    try:
+        write_outputs(out, files, config.storage_options)
+    except storage.StorageError as error:
+        logger.error("%s", error)
+        return 2
     print(files["report.md"].decode())
     logger.info("wrote %s to %s", ", ".join(files), out)
     return 0

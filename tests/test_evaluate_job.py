@@ -171,3 +171,16 @@ def test_parser_flags_have_help():
     for action in evaluate_job.build_parser()._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and all(s.startswith("--") for s in action.option_strings)
+
+
+def test_validation_split_is_the_rows_training_held_out(inputs):
+    from genre_pipeline.catalog import is_validation
+
+    fraction = 0.6  # holds out movie 7 of the four train movies
+    held_out = [i for i, (split, _) in CATALOG.items() if split == "train" and is_validation(i, fraction)]
+    assert 0 < len(held_out) < 4, "the fixture should hold out some, not all, train rows at this fraction"
+    assert run(inputs, "--split", "validation", "--val-fraction", str(fraction)) == 0
+    report = json.loads((inputs["out"] / "report.json").read_text())
+    assert report["rows"]["in_split"] == len(held_out) == 1
+    # Movie 7 (true Drama) is labelled Drama with 0.9 at the top: a perfect row.
+    assert report["model"]["map_at_1"] == 1.0

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import load_job
 
+from genre_pipeline.catalog import is_validation
 from genre_pipeline.checkpoints import read_meta
 from genre_pipeline.evaluation import frequency_prior, mean_average_precision_at_k, prior_scores
 from genre_pipeline.genres import GENRES, encode_many
@@ -18,7 +19,6 @@ from genre_pipeline.storage import StorageOptions
 from genre_pipeline.training import TRAIN_STATE_FILE, LoopConfig, lr_lambdas
 from genre_pipeline.training_data import (
     fingerprint,
-    is_validation,
     load_training_rows,
     positive_weights,
     split_rows,
