@@ -1,0 +1,190 @@
+"""Labelling throughput: genre_pipeline against the model's ceiling and a plain-PyTorch peer, in one run.
+
+    python benchmarks/label_throughput.py --arch cnn --posters 2000
+    python benchmarks/label_throughput.py --arch resnet50 --posters 300 --scale   # also 10x posters: peak RSS
+
+On the same generated posters (JPEGs of real poster size, 300x450) and the same randomly initialised model:
+  (a) ceiling: the model alone, forward passes on preloaded tensors, at the job's batch size and settings;
+  (b) peer: the plain script users write instead: a DataLoader with PIL decoding, one worker per core, fp32,
+      default memory format, writing the same Parquet;
+  (c) genre_pipeline: `label_catalog`, Parquet in, Parquet out, on a local Ray.
+Prints posters/s for each, (c)/(a), (c)/(b) and peak RSS of each run's process tree (driver plus workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from genre_pipeline.catalog import write_catalog  # noqa: E402
+from genre_pipeline.checkpoints import ModelMeta, load_checkpoint, save_checkpoint  # noqa: E402
+from genre_pipeline.genres import GENRES  # noqa: E402
+from genre_pipeline.images import PreprocessSpec, decode_poster  # noqa: E402
+from genre_pipeline.inference import GenrePredictor  # noqa: E402
+from genre_pipeline.labelling import LabelConfig, label_catalog  # noqa: E402
+from genre_pipeline.models import DEFAULT_IMAGE_SIZE, build_model  # noqa: E402
+from genre_pipeline.sample import build_sample_catalog  # noqa: E402
+
+
+class PeakRss:
+    """Peak summed RSS of this process and all its descendants (Ray workers included), sampled every 100 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, tree_rss(os.getpid()))
+
+
+def tree_rss(root: int) -> int:
+    """Bytes: every process whose ancestry reaches `root` (Ray's raylet and workers descend from the driver)."""
+    parents, rss = {}, {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            parents[int(entry.name)] = int(fields[1])
+            rss[int(entry.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return sum(size for pid, size in rss.items() if descends(pid))
+
+
+def make_inputs(root: Path, arch: str, posters: int) -> tuple[str, str]:
+    table = build_sample_catalog(str(root), posters, seed=1)
+    write_catalog(table, str(root / "catalog.parquet"))
+    meta = ModelMeta(arch=arch, genres=list(GENRES), preprocess=PreprocessSpec(DEFAULT_IMAGE_SIZE[arch]),
+                     thresholds=[0.3] * len(GENRES))
+    save_checkpoint(root / "model", build_model(arch=arch, num_genres=len(GENRES)), meta)
+    return str(root / "catalog.parquet"), str(root / "model")
+
+
+def ceiling(catalog: str, model: str, batch_size: int) -> float:
+    """(a) The model alone on preloaded, decoded posters, as a GenrePredictor actor runs it."""
+    predictor = GenrePredictor(model, num_threads=os.cpu_count())
+    size = predictor.spec.image_size
+    uris = [u for u in pq.read_table(catalog, columns=["poster_uri"])["poster_uri"].to_pylist() if u]
+    images = np.stack([decode_poster(Path(u).read_bytes(), size) for u in uris])
+    predictor.predict(images[:batch_size])  # warm-up: first-call allocations
+    started = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        predictor.predict(images[start:start + batch_size])
+    return len(images) / (time.perf_counter() - started)
+
+
+class PosterFiles(torch.utils.data.Dataset):
+    """The peer's dataset: PIL decode, resize, normalise, one poster at a time."""
+
+    def __init__(self, uris: list[str], spec: PreprocessSpec) -> None:
+        self.uris, self.spec = uris, spec
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with Image.open(self.uris[index]) as image:
+            rgb = image.convert("RGB").resize((self.spec.image_size, self.spec.image_size))
+        array = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (array - torch.tensor(self.spec.mean).view(3, 1, 1)) / torch.tensor(self.spec.std).view(3, 1, 1)
+
+
+def peer(catalog: str, model_uri: str, batch_size: int, out: Path) -> float:
+    """(b) The plain PyTorch script: DataLoader, a worker per core, fp32, default memory format."""
+    started = time.perf_counter()
+    model, meta = load_checkpoint(model_uri)
+    rows = pq.read_table(catalog, columns=["movie_id", "poster_uri"]).to_pylist()
+    rows = [r for r in rows if r["poster_uri"]]
+    loader = torch.utils.data.DataLoader(PosterFiles([r["poster_uri"] for r in rows], meta.preprocess),
+                                         batch_size=batch_size, num_workers=os.cpu_count())
+    scores = []
+    with torch.no_grad():
+        for batch in loader:
+            scores.append(torch.sigmoid(model(batch)).numpy())
+    matrix = np.concatenate(scores)
+    table = pa.table({"movie_id": [r["movie_id"] for r in rows],
+                      **{g: matrix[:, i] for i, g in enumerate(meta.genres)}})
+    pq.write_table(table, out / "peer.parquet")
+    return len(rows) / (time.perf_counter() - started)
+
+
+def pipeline(catalog: str, model: str, batch_size: int, out: Path, actors: int) -> float:
+    """(c) label_catalog end to end (Ray already running: its start-up is not the job's throughput)."""
+    summary = label_catalog(LabelConfig(catalog=catalog, model=model, output=str(out / "labels"),
+                                        run_date="2026-01-01", batch_size=batch_size, actors=actors,
+                                        cpus_per_actor=max(1, (os.cpu_count() or 1) // actors)))
+    return summary.rows_by_status.get("ok", 0) / summary.seconds
+
+
+def measured(name: str, run: Callable[[], float]) -> tuple[float, int]:
+    with PeakRss() as rss:
+        rate = run()
+    print(f"{name:<34} {rate:8.1f} posters/s   peak RSS {rss.peak / 2**20:8.0f} MiB", flush=True)
+    return rate, rss.peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["cnn", "resnet50"], default="cnn", help="model to label with")
+    parser.add_argument("--posters", type=int, default=1000, help="posters per run")
+    parser.add_argument("--batch-size", type=int, default=64, help="the job's --batch-size")
+    parser.add_argument("--actors", type=int, default=1, help="the job's --actors")
+    parser.add_argument("--scale", action="store_true", help="also label 10x posters and compare peak RSS")
+    args = parser.parse_args()
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    print(f"{args.arch}, {args.posters} posters of 300x450, batch {args.batch_size}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, ray {ray.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        catalog, model = make_inputs(root / "n", args.arch, args.posters)
+        a, _ = measured("(a) ceiling: model alone", lambda: ceiling(catalog, model, args.batch_size))
+        b, _ = measured("(b) peer: DataLoader + PIL, fp32", lambda: peer(catalog, model, args.batch_size, root))
+        c, rss_n = measured("(c) genre_pipeline label_catalog",
+                            lambda: pipeline(catalog, model, args.batch_size, root, args.actors))
+        print(f"(c)/(a) = {c / a:.2f}   (c)/(b) = {c / b:.2f}")
+        if args.scale:
+            big_catalog, _ = make_inputs(root / "10n", args.arch, 10 * args.posters)
+            _, rss_10n = measured(f"(c) at 10x = {10 * args.posters} posters",
+                                  lambda: pipeline(big_catalog, model, args.batch_size, root / "10n", args.actors))
+            print(f"peak RSS at N {rss_n / 2**20:.0f} MiB, at 10N {rss_10n / 2**20:.0f} MiB: "
+                  f"ratio {rss_10n / rss_n:.2f}")
+
+
+if __name__ == "__main__":
+    main()
