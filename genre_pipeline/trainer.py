@@ -115,8 +115,9 @@ def publish_best(result: ray.train.Result, config: TrainJobConfig, monitor: str)
     with best.as_directory() as directory:
         copy_checkpoint(directory, target, config.storage_options)
         meta = ModelMeta.from_json((Path(directory) / META_FILE).read_text())
-    latest_epoch = max(int(m.get("epoch", 0)) for _, m in scored)
-    return TrainSummary(target, meta, latest_epoch)
+    # The last report (not the kept checkpoints, which may omit it) says how far the run went.
+    epochs_run = int((result.metrics or {}).get("epoch", max(int(m.get("epoch", 0)) for _, m in scored)))
+    return TrainSummary(target, meta, epochs_run)
 
 
 def run_training(config: TrainJobConfig) -> TrainSummary:
