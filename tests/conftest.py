@@ -42,3 +42,32 @@ def sample_catalog(tmp_path_factory) -> Path:
     table = build_sample_catalog(str(root), 200, seed=7, poster_size=(96, 144))
     write_catalog(table, str(root / "catalog.parquet"))
     return root / "catalog.parquet"
+
+
+def save_random_model(directory: Path, *, image_size: int = 32, thresholds: list[float] | None = None,
+                      epoch: int = 1) -> str:
+    """A cnn checkpoint with seeded random weights: the label job's input when learning is not the point."""
+    import torch
+
+    from genre_pipeline.checkpoints import ModelMeta, save_checkpoint
+    from genre_pipeline.genres import GENRES
+    from genre_pipeline.images import PreprocessSpec
+    from genre_pipeline.models import build_model
+
+    torch.manual_seed(0)
+    meta = ModelMeta(arch="cnn", genres=list(GENRES), preprocess=PreprocessSpec(image_size=image_size),
+                     thresholds=thresholds or [0.5] * len(GENRES), epoch=epoch)
+    save_checkpoint(directory, build_model(arch="cnn", num_genres=len(GENRES)), meta)
+    return str(directory)
+
+
+def write_sample_parts(root: Path, movies: int, parts: int, *, seed: int) -> str:
+    """A generated catalogue written as `parts` Parquet files, as large catalogues are; returns its folder."""
+    from genre_pipeline.catalog import write_catalog
+    from genre_pipeline.sample import build_sample_catalog
+
+    table = build_sample_catalog(str(root), movies, seed=seed, poster_size=(48, 72))
+    rows = movies // parts
+    for part in range(parts):
+        write_catalog(table.slice(part * rows, rows), str(root / "catalog" / f"part-{part:02d}.parquet"))
+    return str(root / "catalog")

@@ -17,15 +17,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-import torch
-from conftest import REPO
-
-from genre_pipeline.catalog import write_catalog
-from genre_pipeline.checkpoints import ModelMeta, save_checkpoint
-from genre_pipeline.genres import GENRES
-from genre_pipeline.images import PreprocessSpec
-from genre_pipeline.models import build_model
-from genre_pipeline.sample import build_sample_catalog
+from conftest import REPO, save_random_model, write_sample_parts
 
 BIN = Path(sys.executable).parent
 MOVIES, PARTS = 600, 6
@@ -106,15 +98,8 @@ def cluster():
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("cluster")
-    table = build_sample_catalog(str(root), MOVIES, seed=11, poster_size=(48, 72))
-    for part in range(PARTS):
-        rows = MOVIES // PARTS
-        write_catalog(table.slice(part * rows, rows), str(root / "catalog" / f"part-{part}.parquet"))
-    torch.manual_seed(0)
-    save_checkpoint(root / "model", build_model(arch="cnn", num_genres=len(GENRES)),
-                    ModelMeta(arch="cnn", genres=list(GENRES), preprocess=PreprocessSpec(image_size=96),
-                              thresholds=[0.5] * len(GENRES), epoch=1))
-    return {"catalog": str(root / "catalog"), "model": str(root / "model"), "root": str(root)}
+    return {"catalog": write_sample_parts(root, MOVIES, PARTS, seed=11),
+            "model": save_random_model(root / "model", image_size=96), "root": str(root)}
 
 
 def submit(cluster: Cluster, inputs: dict[str, str], output: str) -> str:

@@ -7,16 +7,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import torch
-from conftest import load_job
+from conftest import load_job, save_random_model
 
 from genre_pipeline.catalog import CATALOG_SCHEMA
-from genre_pipeline.checkpoints import ModelMeta, save_checkpoint
 from genre_pipeline.genres import GENRES, score_columns
-from genre_pipeline.images import PreprocessSpec
 from genre_pipeline.labelling import LabelConfig, label_catalog
 from genre_pipeline.labels import labels_schema
-from genre_pipeline.models import build_model
 from genre_pipeline.sample import draw_poster, jpeg_bytes
 
 GOOD_IDS = range(1, 9)
@@ -26,13 +22,8 @@ EXPECTED_STATUS = {**{i: "ok" for i in GOOD_IDS}, 20: "missing_poster", 21: "mis
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("model") / "model"
     thresholds = np.linspace(0.2, 0.7, len(GENRES)).round(3).tolist()
-    save_checkpoint(directory, build_model(arch="cnn", num_genres=len(GENRES)),
-                    ModelMeta(arch="cnn", genres=list(GENRES), preprocess=PreprocessSpec(image_size=32),
-                              thresholds=thresholds, epoch=1))
-    return str(directory)
+    return save_random_model(tmp_path_factory.mktemp("model") / "model", thresholds=thresholds)
 
 
 @pytest.fixture(scope="module")

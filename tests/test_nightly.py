@@ -12,15 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import REPO
+from conftest import REPO, save_random_model, write_sample_parts
 
-from genre_pipeline.catalog import write_catalog
-from genre_pipeline.checkpoints import ModelMeta, save_checkpoint
-from genre_pipeline.genres import GENRES
-from genre_pipeline.images import PreprocessSpec
-from genre_pipeline.models import build_model
-from genre_pipeline.sample import build_sample_catalog
 from genre_pipeline.warehouse import run_query
 
 NIGHT = "2026-11-20"
@@ -32,17 +25,10 @@ JOB_TIMEOUT_SECONDS = 300
 @pytest.fixture(scope="module")
 def night_inputs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("nightly")
-    table = build_sample_catalog(str(root), MOVIES, seed=5, poster_size=(48, 72))
-    # A catalogue of several files, as large catalogues are: Ray Data streams them, so the night's files
-    # reach staging one after another and the kill lands mid-write, not after the last file.
-    for part in range(PARTS):
-        rows = MOVIES // PARTS
-        write_catalog(table.slice(part * rows, rows), str(root / "catalog" / f"part-{part:02d}.parquet"))
-    torch.manual_seed(0)
-    save_checkpoint(root / "model", build_model(arch="cnn", num_genres=len(GENRES)),
-                    ModelMeta(arch="cnn", genres=list(GENRES), preprocess=PreprocessSpec(image_size=128),
-                              thresholds=[0.5] * len(GENRES), epoch=1))
-    return {"catalog": str(root / "catalog"), "model": str(root / "model"), "output": str(root / "labels")}
+    # Several catalogue files, streamed by Ray Data, so the night's files reach staging one after another and
+    # the kill lands mid-write, not after the last file; 128 px makes each batch take a while.
+    return {"catalog": write_sample_parts(root, MOVIES, PARTS, seed=5),
+            "model": save_random_model(root / "model", image_size=128), "output": str(root / "labels")}
 
 
 def label_command(inputs: dict[str, str]) -> list[str]:

@@ -8,27 +8,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
+from conftest import save_random_model
 
 from genre_pipeline.catalog import write_catalog
-from genre_pipeline.checkpoints import ModelMeta, save_checkpoint
 from genre_pipeline.genres import GENRES
-from genre_pipeline.images import PreprocessSpec
 from genre_pipeline.labelling import LabelConfig, label_catalog
-from genre_pipeline.models import build_model
 from genre_pipeline.sample import build_sample_catalog
 from genre_pipeline.warehouse import QUERIES, run_query
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 NIGHTS = ("2026-11-01", "2026-11-02")
-
-
-def save_model(directory: Path, threshold: float) -> str:
-    torch.manual_seed(0)
-    meta = ModelMeta(arch="cnn", genres=list(GENRES), preprocess=PreprocessSpec(image_size=32),
-                     thresholds=[threshold] * len(GENRES), epoch=1)
-    save_checkpoint(directory, build_model(arch="cnn", num_genres=len(GENRES)), meta)
-    return str(directory)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +26,8 @@ def nights(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("warehouse")
     table = build_sample_catalog(str(root), 30, seed=3, poster_size=(48, 72))
     write_catalog(table, str(root / "catalog.parquet"))
-    strict, lenient = save_model(root / "strict", 1.01), save_model(root / "lenient", 0.0)
+    strict = save_random_model(root / "strict", thresholds=[1.01] * len(GENRES))
+    lenient = save_random_model(root / "lenient", thresholds=[0.0] * len(GENRES))
     config = {"catalog": str(root / "catalog.parquet"), "output": str(root / "labels")}
     label_catalog(LabelConfig(**config, model=strict, run_date=NIGHTS[0]))
     label_catalog(LabelConfig(**config, model=lenient, run_date=NIGHTS[1]))
