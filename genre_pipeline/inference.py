@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 import torch
 
-from genre_pipeline import storage
+from genre_pipeline import storage, telemetry
 from genre_pipeline.checkpoints import load_checkpoint
 from genre_pipeline.images import to_model_input
 from genre_pipeline.labels import STATUS_OK
@@ -64,6 +65,8 @@ class GenrePredictor:
         ok = batch["status"] == STATUS_OK
         scores = np.full((len(images), len(self.meta.genres)), np.nan, dtype=np.float32)
         if ok.any():
+            started = time.perf_counter()
             scores[ok] = self.predict(images[ok] if not ok.all() else images)
+            telemetry.observe_predict_batch(time.perf_counter() - started, self.device.type)
         batch["scores"] = scores
         return batch

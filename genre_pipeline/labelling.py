@@ -58,6 +58,18 @@ class LabelSummary:
         return self.rows_by_status.get(STATUS_OK, 0) / self.seconds if self.seconds else 0.0
 
 
+def check_storage(config: LabelConfig) -> None:
+    """Fail before any work or write when the model, the catalogue or the output cannot be used.
+
+    A wrong endpoint, credential, bucket or prefix then costs seconds instead of a night's compute, and the
+    StorageError names the URI and the reason; the output gets nothing (on S3 a marker is written and deleted).
+    """
+    options = config.storage_options
+    storage.check_readable(config.model, options)
+    storage.check_readable(config.catalog, options)
+    storage.check_writable(config.output, options)
+
+
 def count_catalog_rows(uri: str, options: storage.StorageOptions) -> int:
     """Fail fast on a malformed catalogue: schema and unique movie_ids, reading only the id column."""
     fs, path = storage.arrow_filesystem(uri, options)
@@ -107,6 +119,7 @@ def build_label_dataset(
 def label_catalog(config: LabelConfig) -> LabelSummary:
     """Label every catalogue row and commit the night's partition; nothing is committed on failure."""
     started = time.monotonic()
+    check_storage(config)
     meta = read_meta(config.model, config.storage_options)  # fail before any work when the model is unreadable
     expected_rows = count_catalog_rows(config.catalog, config.storage_options)
     run_id = f"{config.run_date}-{uuid.uuid4().hex[:8]}"

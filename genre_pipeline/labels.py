@@ -8,6 +8,7 @@ from datetime import datetime
 import numpy as np
 import pyarrow as pa
 
+from genre_pipeline import telemetry
 from genre_pipeline.genres import GENRES, labels_from_scores, score_columns, top_genres
 
 STATUS_OK = "ok"
@@ -69,4 +70,6 @@ def to_label_table(
         "labelled_at": pa.array([labelled_at] * count, pa.timestamp("us", tz="UTC")),
         "run_id": pa.array([run_id] * count, pa.string()),
     }
-    return pa.table(columns, schema=labels_schema(genres))
+    table = pa.table(columns, schema=labels_schema(genres))
+    telemetry.count_label_rows_written(table.num_rows)  # the last step before the writer
+    return table

@@ -68,11 +68,21 @@ class NightOutput:
         replaced = f"{root}/{TRASH_DIR}/{self._night}/{self.run_id}"
         if fs.exists(partition):
             fs.makedirs(replaced.rsplit("/", 1)[0], exist_ok=True)
-            fs.mv(partition, replaced, recursive=True)
-        fs.mv(staging, partition, recursive=True)
+            self._move(fs, partition, replaced)
+        self._move(fs, staging, partition)
         if fs.exists(replaced):
             fs.rm(replaced, recursive=True)
         logger.info("committed %s", self.partition_uri)
+
+    def _move(self, fs, source: str, target: str) -> None:
+        """A folder rename locally (atomic). On S3, file by file: fsspec's recursive mv also "copies" the folder
+        itself, which on S3 is no object, and fails with NoSuchKey after copying the files."""
+        if not storage.is_remote(self.root):
+            fs.mv(source, target, recursive=True)
+            return
+        files = fs.find(source)
+        fs.copy(files, [target + name[len(source):] for name in files])
+        fs.rm(source, recursive=True)
 
     def clean_stale(self) -> None:
         """Delete this night's staging and replaced folders left by earlier, killed runs (other nights'

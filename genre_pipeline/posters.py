@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from genre_pipeline import storage
+from genre_pipeline import storage, telemetry
 from genre_pipeline.images import PosterDecodeError, decode_poster
 from genre_pipeline.labels import STATUS_FETCH_FAILED, STATUS_MISSING, STATUS_OK, STATUS_UNREADABLE
 
@@ -63,6 +63,7 @@ def decode_posters(batch: Batch, *, image_size: int) -> Batch:
         except PosterDecodeError as failure:
             status[row], error[row] = STATUS_UNREADABLE, f"{batch['poster_uri'][row]}: {failure}"
     batch["image"], batch["status"], batch["error"] = images, status, error
+    telemetry.count_posters(status)  # here the status is final: fetched, then decoded
     return batch
 
 

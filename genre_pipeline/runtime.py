@@ -17,7 +17,13 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def init_ray() -> None:
-    """Join the cluster under `ray job submit` (RAY_ADDRESS is set) or start a local Ray on a laptop."""
+    """Join the cluster under `ray job submit` (RAY_ADDRESS is set) or start a local Ray on a laptop.
+
+    Object-store credentials are deliberately not forwarded in a `runtime_env`: Ray keeps runtime envs in its job
+    table and shows and logs them (dashboard, raylet logs). A local Ray's workers inherit this process's
+    environment, AWS_* included; on a cluster each node takes them from its own AWS chain (the pods' Secret, an
+    instance or pod role). The endpoint, region and `--anonymous` travel with the jobs' StorageOptions.
+    """
     if ray.is_initialized():
         return
     # Jobs log their own progress; Ray Data's per-operator progress bars would flood CI logs and job logs.

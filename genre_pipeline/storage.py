@@ -2,19 +2,48 @@
 
 Credentials are never passed through here: s3fs/botocore take them from the standard AWS chain
 (environment, profiles, instance roles), so no secret travels in a job's config, logs or outputs.
+
+`check_readable` / `check_writable` let a job fail in seconds, before any work or write, when an endpoint,
+credential, bucket or prefix is wrong; their `StorageError` says which URI and why, in words, never with a secret.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import botocore.exceptions
 import fsspec
 import pyarrow.fs as pafs
 
 ALLOWED_SCHEMES = ("", "file", "s3")
+# Where check_writable puts its marker: engines and the documented `run_date=*/` glob skip `_` folders, so a
+# marker left behind by a crash between its write and its delete is never read as data.
+WRITE_CHECK_DIR = "_staging"
+# Environment variables whose values are secrets: scrubbed from every StorageError message, because reasons
+# partly come from servers and libraries we do not control.
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+# What the errors of a storage call can be: OSError (local, and s3fs's translations of S3 error codes),
+# botocore's own (no connection, no credentials) and S3 error codes s3fs left untranslated.
+STORAGE_ERRORS = (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+_CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the AWS profile or the node's role"
+# S3 error codes (also HTTP statuses: HEAD responses have no body, so no code) -> what they mean to a user.
+_REASON_BY_CODE = {
+    "NoSuchBucket": "the bucket does not exist",
+    "NoSuchKey": "not found",
+    "404": "not found",
+    "InvalidAccessKeyId": f"the access key id is not known to the endpoint; {_CREDENTIALS_HINT}",
+    "SignatureDoesNotMatch": f"the request signature does not match the access key; {_CREDENTIALS_HINT}",
+    "ExpiredToken": f"the session token has expired; {_CREDENTIALS_HINT}",
+    "InvalidToken": f"the session token is invalid; {_CREDENTIALS_HINT}",
+    "AccessDenied": f"access denied; {_CREDENTIALS_HINT} and the bucket policy",
+    "403": f"access denied (HTTP 403); {_CREDENTIALS_HINT} and the bucket policy",
+}
 
 
 class StorageError(RuntimeError):
@@ -93,3 +122,88 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions(
 def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:
     fs, path = fsspec_filesystem(uri, options)
     return fs.exists(path)
+
+
+def redact(text: str) -> str:
+    """`text` with the values of the secret AWS variables of this process replaced by `***`."""
+    for name in SECRET_ENV_VARS:
+        secret = os.environ.get(name)
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _error_code(error: BaseException) -> str | None:
+    """The S3 error code of a botocore ClientError, also when s3fs re-raised it as an OSError (its __cause__)."""
+    for candidate in (error, error.__cause__):
+        response = getattr(candidate, "response", None)
+        if isinstance(response, dict):
+            return response.get("Error", {}).get("Code")
+    return None
+
+
+def describe_error(error: BaseException) -> str:
+    """Why a storage call failed, in words a user can act on; never a credential."""
+    code = _error_code(error)
+    if code in _REASON_BY_CODE:
+        reason = _REASON_BY_CODE[code]
+    elif isinstance(error, botocore.exceptions.NoCredentialsError):
+        reason = ("no AWS credentials found (environment, shared config/profile, instance or pod role); "
+                  "use --anonymous for a public bucket")
+    elif isinstance(error, botocore.exceptions.EndpointConnectionError):
+        reason = f"cannot connect to the S3 endpoint: {error}"
+    elif isinstance(error, FileNotFoundError):
+        reason = "not found"
+    elif isinstance(error, PermissionError):
+        reason = f"permission denied: {error}"
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    return redact(reason)
+
+
+@contextmanager
+def reporting_errors(uri: str, action: str) -> Iterator[None]:
+    """Turn any storage failure inside the block into a StorageError: `<uri>: cannot <action>: <reason>`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except STORAGE_ERRORS as error:
+        # `from None`: the chained botocore error adds nothing for the user and is one more place a
+        # request detail could leak into a log.
+        raise StorageError(f"{uri}: cannot {action}: {describe_error(error)}") from None
+
+
+def check_readable(uri: str, options: StorageOptions = StorageOptions()) -> None:
+    """Fail fast when `uri` (a file, or a folder/prefix) is missing, unreachable or unreadable.
+
+    Lists it (a listing's error names the cause: unknown key, bad signature, no bucket) and reads one byte of
+    it or of its first file, so that read permission is tested too, not just that the name exists.
+    """
+    with reporting_errors(uri, "read"):
+        fs, path = fsspec_filesystem(uri, options)
+        entries = fs.ls(path, detail=True, refresh=True)  # refresh: a cached listing proves nothing
+        files = [entry for entry in entries if entry["type"] == "file" and entry.get("size")]
+        if files:
+            fs.cat_file(files[0]["name"], start=0, end=1)
+
+
+def check_writable(uri: str, options: StorageOptions = StorageOptions()) -> None:
+    """Fail fast when nothing can be written under `uri`, without leaving anything behind.
+
+    S3: put and delete a marker object under `<uri>/_staging/` (the only way to test credentials, bucket and
+    policy for writes). Local: the nearest existing folder must be a writable directory; nothing is created.
+    """
+    if not is_remote(uri):
+        path = fsspec_filesystem(uri, options)[1]
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+            raise StorageError(f"{uri}: cannot write: {existing} is not a writable directory")
+        return
+    marker = join(uri, WRITE_CHECK_DIR, f".write-check-{uuid.uuid4().hex}")
+    with reporting_errors(uri, "write"):
+        fs, path = fsspec_filesystem(marker, options)
+        fs.pipe_file(path, b"")
+        fs.rm_file(path)

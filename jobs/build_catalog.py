@@ -90,10 +90,22 @@ def movielens_catalog(config: Config):
                            present=present, splits=splits)
 
 
+def check_storage(config: Config) -> None:
+    """Fail before writing any poster when a source cannot be read or `--out` written (endpoint, credentials,
+    bucket, prefix): the message names the URI."""
+    options = config.storage_options
+    for source in (config.movielens_dir, config.posters):
+        if source:
+            storage.check_readable(source, options)
+    out_dir = config.out.rsplit("/", 1)[0] if config.out.endswith(".parquet") else config.out
+    storage.check_writable(out_dir, options)
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(argv)
     try:
+        check_storage(config)
         if config.sample is not None:
             table = build_sample_catalog(config.out.removesuffix("/catalog.parquet"), config.sample,
                                          seed=config.seed, poster_size=config.poster_size,

@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from 
 from genre_pipeline.catalog import CatalogError  # noqa: E402
 from genre_pipeline.checkpoints import CheckpointError  # noqa: E402
 from genre_pipeline.labelling import LabelConfig, LabelSummary, label_catalog  # noqa: E402
+from genre_pipeline.labels import STATUSES  # noqa: E402
 from genre_pipeline.output import OutputIncompleteError  # noqa: E402
 from genre_pipeline.runtime import add_storage_flags, init_ray, setup_logging, storage_options_from  # noqa: E402
 from genre_pipeline.storage import StorageError  # noqa: E402
-from genre_pipeline.telemetry import push_job_outcome  # noqa: E402
+from genre_pipeline.telemetry import LABEL_JOB, LabelledGauge, push_job_failure, push_job_outcome  # noqa: E402
 
 logger = logging.getLogger("label_catalog")
 
@@ -64,18 +65,21 @@ def parse_config(argv: list[str] | None) -> tuple[LabelConfig, argparse.Namespac
     return config, args
 
 
-def push_metrics(gateway: str | None, summary: LabelSummary) -> None:
+def push_metrics(gateway: str | None, config: LabelConfig, summary: LabelSummary) -> None:
+    """The night's outcome, grouped by {job, run=run date}: a re-run of the night replaces it."""
+    # Every status gets a series, zeros included: a dashboard or alert then sees 0, not "no data".
+    rows = {status: 0.0 for status in STATUSES} | {s: float(n) for s, n in summary.rows_by_status.items()}
     push_job_outcome(
-        gateway, job="genre_pipeline_label", run_id=summary.run_id,
+        gateway, job=LABEL_JOB, run=config.run_date,
         gauges={
-            "label_rows": (summary.rows, "rows written by the last label run"),
-            "label_duration_seconds": (summary.seconds, "wall time of the last label run"),
-            "label_posters_per_second": (summary.posters_per_second, "posters scored per second"),
-            "label_last_success_timestamp_seconds": (time.time(), "when labelling last succeeded"),
+            "label_duration_seconds": (summary.seconds, "Wall time of the label run"),
+            "label_posters_per_second": (summary.posters_per_second, "Posters scored (status ok) per second"),
+            "label_last_success_timestamp_seconds": (time.time(), "Unix time the label run succeeded"),
         },
         labelled={
-            "label_rows_by_status": {("status", s): n for s, n in summary.rows_by_status.items()},
-            "model_info": {("model_version", summary.model_version): 1.0},
+            "label_rows": LabelledGauge("Rows committed by the label run, by status", "status", rows),
+            "model_info": LabelledGauge("The model that made the labels (always 1)", "model_version",
+                                        {summary.model_version: 1.0}),
         },
     )
 
@@ -95,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = label_catalog(config)
     except (CatalogError, CheckpointError, StorageError, OutputIncompleteError, FileNotFoundError) as error:
         logger.error("%s", error)
+        push_job_failure(args.pushgateway, job=LABEL_JOB, run=config.run_date,
+                         name="label_last_failure_timestamp_seconds", timestamp=time.time())
         return 2
     print_summary(summary)
-    push_metrics(args.pushgateway, summary)
+    push_metrics(args.pushgateway, config, summary)
     return 0
 
 

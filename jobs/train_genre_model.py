@@ -18,9 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
 
+from genre_pipeline import storage  # noqa: E402
 from genre_pipeline.models import ARCHS, WeightsUnavailableError  # noqa: E402
 from genre_pipeline.runtime import add_storage_flags, init_ray, setup_logging, storage_options_from  # noqa: E402
-from genre_pipeline.telemetry import push_job_outcome  # noqa: E402
+from genre_pipeline.telemetry import TRAIN_JOB, LabelledGauge, push_job_failure, push_job_outcome  # noqa: E402
 from genre_pipeline.trainer import TrainJobConfig, TrainSummary, run_training  # noqa: E402
 
 logger = logging.getLogger("train_genre_model")
@@ -74,23 +75,44 @@ def parse_config(argv: list[str] | None) -> tuple[TrainJobConfig, argparse.Names
     return config, args
 
 
+def check_storage(config: TrainJobConfig) -> None:
+    """Fail before Ray starts when the catalogue (or weights file) cannot be read or the storage path written:
+    a wrong endpoint, credential, bucket or prefix then costs seconds, with a message naming the URI."""
+    options = config.storage_options
+    storage.check_readable(config.catalog, options)
+    if config.weights:
+        storage.check_readable(config.weights, options)
+    storage.check_writable(config.storage_path, options)
+
+
 def push_metrics(gateway: str | None, config: TrainJobConfig, summary: TrainSummary, seconds: float) -> None:
-    gauges = {f"train_{k}": (v, f"final validation {k}") for k, v in summary.meta.metrics.items()}
-    gauges["train_duration_seconds"] = (seconds, "wall time of the training job")
-    gauges["train_last_success_timestamp_seconds"] = (time.time(), "when training last succeeded")
-    push_job_outcome(gateway, job="genre_pipeline_train", run_id=config.name, gauges=gauges,
-                     labelled={"model_info": {("model_version", summary.meta.model_version): 1.0}})
+    """The published model's validation metrics, grouped by {job, run=run name}: a resumed run replaces them."""
+    meta = summary.meta
+    gauges = {f"train_{name}": (value, f"Validation {name.removeprefix('val_')} of the published (best) epoch")
+              for name, value in meta.metrics.items()}
+    gauges.update({
+        "train_best_epoch": (meta.epoch, "Epoch of the published checkpoint"),
+        "train_epochs": (summary.epochs_run, "Epochs the run has completed (resumed runs count on)"),
+        "train_duration_seconds": (seconds, "Wall time of the training job"),
+        "train_last_success_timestamp_seconds": (time.time(), "Unix time the training job succeeded"),
+    })
+    push_job_outcome(gateway, job=TRAIN_JOB, run=config.name, gauges=gauges, labelled={
+        "model_info": LabelledGauge("The model the run published (always 1)", "model_version",
+                                    {meta.model_version: 1.0})})
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config, args = parse_config(argv)
     started = time.monotonic()
-    init_ray()
     try:
+        check_storage(config)
+        init_ray()
         summary = run_training(config)
-    except (WeightsUnavailableError, ValueError, FileNotFoundError) as error:
+    except (WeightsUnavailableError, ValueError, FileNotFoundError, storage.StorageError) as error:
         logger.error("%s", error)
+        push_job_failure(args.pushgateway, job=TRAIN_JOB, run=config.name,
+                         name="train_last_failure_timestamp_seconds", timestamp=time.time())
         return 2
     push_metrics(args.pushgateway, config, summary, time.monotonic() - started)
     metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(summary.meta.metrics.items()))
