@@ -3,7 +3,7 @@
 Live, while a job runs: the Ray Data UDFs record through `ray.util.metrics` (`count_posters`,
 `observe_predict_batch`, `count_label_rows_written`), and every Ray node exports them on its metrics port with
 Ray's `ray_` prefix (`ray_genre_pipeline_posters_total`). At the end: each job pushes its outcome as gauges to a
-Pushgateway, grouped by job and run. docs/metrics.md lists every name, type and label.
+Pushgateway, grouped by job and run. The README's Metrics section lists every name, type and label.
 
 A metrics failure never costs a night's labels: recording and pushing log and go on.
 """
