@@ -32,8 +32,9 @@ demo: install
 		--out $(DEMO)/evaluation
 	$(PY) jobs/query_labels.py --labels $(DEMO)/labels --query latest --limit 5
 
+# The venv's bin first on PATH: tests run its command-line tools (ray, hadolint) as a user's shell would.
 test: install
-	$(PY) -m pytest -q
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check .
