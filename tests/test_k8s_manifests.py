@@ -147,7 +147,7 @@ def _crd_schema(kind: str, strict: bool = True) -> dict:
     folder = os.environ.get(SCHEMAS_ENV)
     if not folder:
         pytest.skip(f"{SCHEMAS_ENV} is not set: point it at the folder with KubeRay's CRDs "
-                    f"({', '.join(CRD_FILES.values())}), e.g. ../shared/k8s-schemas")
+                    f"({', '.join(CRD_FILES.values())}), from ray-operator/config/crd/bases in KubeRay v1.7.0")
     path = Path(folder) / CRD_FILES[kind]
     assert path.is_file(), f"{SCHEMAS_ENV}={folder}: no {CRD_FILES[kind]} there"
     crd = yaml.safe_load(path.read_text())
