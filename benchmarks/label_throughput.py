@@ -145,7 +145,9 @@ def pipeline(catalog: str, model: str, batch_size: int, out: Path, actors: int) 
     """(c) label_catalog end to end (Ray already running: its start-up is not the job's throughput)."""
     summary = label_catalog(LabelConfig(catalog=catalog, model=model, output=str(out / "labels"),
                                         run_date="2026-01-01", batch_size=batch_size, actors=actors,
-                                        cpus_per_actor=max(1, (os.cpu_count() or 1) // actors)))
+                                        # One CPU stays free for Ray Data's read and write tasks: an actor
+                                        # pool holding every CPU starves them and the job stalls.
+                                        cpus_per_actor=max(1, ((os.cpu_count() or 1) - 1) // actors)))
     return summary.rows_by_status.get("ok", 0) / summary.seconds
 
 
