@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -52,7 +53,11 @@ class GenrePredictor:
     @torch.inference_mode()
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 N×S×S×3 -> sigmoid scores N×G (float32)."""
-        batch = torch.from_numpy(images)
+        with warnings.catch_warnings():
+            # Ray Data hands zero-copy, read-only arrays; the model only reads them (to_model_input makes the
+            # float copy), so torch's "not writable" warning on every batch is noise.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            batch = torch.from_numpy(images)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")

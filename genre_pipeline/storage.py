@@ -101,11 +101,6 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts) if is_remote(base) else os.path.join(base, *parts)
 
 
-def to_uri(uri_like: str, path: str) -> str:
-    """Turn a filesystem path back into a URI of the same kind as `uri_like`."""
-    return f"s3://{path}" if is_remote(uri_like) else path
-
-
 def read_bytes(uri: str, options: StorageOptions = StorageOptions()) -> bytes:
     fs, path = fsspec_filesystem(uri, options)
     return fs.cat_file(path)
