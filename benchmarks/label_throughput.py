@@ -34,8 +34,16 @@ from genre_pipeline.catalog import write_catalog  # noqa: E402
 from genre_pipeline.checkpoints import ModelMeta, load_checkpoint, save_checkpoint  # noqa: E402
 from genre_pipeline.genres import GENRES  # noqa: E402
 from genre_pipeline.images import PreprocessSpec, decode_poster  # noqa: E402
-from genre_pipeline.inference import GenrePredictor  # noqa: E402
-from genre_pipeline.labelling import LabelConfig, label_catalog  # noqa: E402
+from genre_pipeline.inference import (
+    PRECISIONS,  # noqa: E402
+    GenrePredictor,  # noqa: E402
+)
+from genre_pipeline.labelling import (  # noqa: E402
+    LabelConfig,
+    label_catalog,
+    resolve_actor_resources,
+    resolve_batch_size,
+)
 from genre_pipeline.models import DEFAULT_IMAGE_SIZE, build_model  # noqa: E402
 from genre_pipeline.sample import build_sample_catalog  # noqa: E402
 
@@ -93,11 +101,19 @@ def make_inputs(root: Path, arch: str, posters: int) -> tuple[str, str]:
     return str(root / "catalog.parquet"), str(root / "model")
 
 
-def ceiling(catalog: str, model: str, batch_size: int) -> float:
-    """(a) The model alone on preloaded, decoded posters, as a GenrePredictor actor runs it."""
-    predictor = GenrePredictor(model, num_threads=os.cpu_count())
-    size = predictor.spec.image_size
-    uris = [u for u in pq.read_table(catalog, columns=["poster_uri"])["poster_uri"].to_pylist() if u]
+def job_config(catalog: str, model: str, out: Path, args: argparse.Namespace) -> LabelConfig:
+    """The label job exactly as `jobs/label_catalog.py` would run it with these flags."""
+    return LabelConfig(catalog=catalog, model=model, output=str(out / "labels"), run_date="2026-01-01",
+                       batch_size=args.batch_size, actors=args.actors, precision=args.precision)
+
+
+def ceiling(config: LabelConfig) -> float:
+    """(a) The model alone on preloaded, decoded posters, as one PosterLabeller actor runs it (same threads,
+    batch size and precision); with several actors, the ceiling of one times their number."""
+    threads = resolve_actor_resources(config).threads
+    predictor = GenrePredictor(config.model, num_threads=threads, precision=config.precision)
+    size, batch_size = predictor.spec.image_size, resolve_batch_size(config)
+    uris = [u for u in pq.read_table(config.catalog, columns=["poster_uri"])["poster_uri"].to_pylist() if u]
     images = np.stack([decode_poster(Path(u).read_bytes(), size) for u in uris])
     predictor.predict(images[:batch_size])  # warm-up: first-call allocations
     started = time.perf_counter()
@@ -141,13 +157,9 @@ def peer(catalog: str, model_uri: str, batch_size: int, out: Path) -> float:
     return len(rows) / (time.perf_counter() - started)
 
 
-def pipeline(catalog: str, model: str, batch_size: int, out: Path, actors: int) -> float:
-    """(c) label_catalog end to end (Ray already running: its start-up is not the job's throughput)."""
-    summary = label_catalog(LabelConfig(catalog=catalog, model=model, output=str(out / "labels"),
-                                        run_date="2026-01-01", batch_size=batch_size, actors=actors,
-                                        # One CPU stays free for Ray Data's read and write tasks: an actor
-                                        # pool holding every CPU starves them and the job stalls.
-                                        cpus_per_actor=max(1, ((os.cpu_count() or 1) - 1) // actors)))
+def pipeline(config: LabelConfig) -> float:
+    """(c) label_catalog end to end, start-up included (Ray itself is already running, as on a cluster)."""
+    summary = label_catalog(config)
     return summary.rows_by_status.get("ok", 0) / summary.seconds
 
 
@@ -162,28 +174,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["cnn", "resnet50"], default="cnn", help="model to label with")
     parser.add_argument("--posters", type=int, default=1000, help="posters per run")
-    parser.add_argument("--batch-size", type=int, default=64, help="the job's --batch-size")
+    parser.add_argument("--batch-size", type=int, default=None, help="the job's --batch-size (default: the job's)")
     parser.add_argument("--actors", type=int, default=1, help="the job's --actors")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="the job's --precision")
     parser.add_argument("--scale", action="store_true", help="also label 10x posters and compare peak RSS")
     args = parser.parse_args()
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    print(f"{args.arch}, {args.posters} posters of 300x450, batch {args.batch_size}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, ray {ray.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         catalog, model = make_inputs(root / "n", args.arch, args.posters)
-        a, _ = measured("(a) ceiling: model alone", lambda: ceiling(catalog, model, args.batch_size))
-        b, _ = measured("(b) peer: DataLoader + PIL, fp32", lambda: peer(catalog, model, args.batch_size, root))
-        c, rss_n = measured("(c) genre_pipeline label_catalog",
-                            lambda: pipeline(catalog, model, args.batch_size, root, args.actors))
+        config = job_config(catalog, model, root / "n", args)
+        resources = resolve_actor_resources(config)
+        print(f"{args.arch}, {args.posters} posters of 300x450, batch {resolve_batch_size(config)}, "
+              f"precision {args.precision}, {args.actors} actor(s) x {resources.threads} threads, "
+              f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}", flush=True)
+        a, _ = measured("(a) ceiling: model alone", lambda: ceiling(config) * args.actors)
+        b, _ = measured("(b) peer: DataLoader + PIL, fp32",
+                        lambda: peer(catalog, model, resolve_batch_size(config), root))
+        c, rss_n = measured("(c) genre_pipeline label_catalog", lambda: pipeline(config))
         print(f"(c)/(a) = {c / a:.2f}   (c)/(b) = {c / b:.2f}")
         if args.scale:
             big_catalog, _ = make_inputs(root / "10n", args.arch, 10 * args.posters)
             _, rss_10n = measured(f"(c) at 10x = {10 * args.posters} posters",
-                                  lambda: pipeline(big_catalog, model, args.batch_size, root / "10n", args.actors))
+                                  lambda: pipeline(job_config(big_catalog, model, root / "10n", args)))
             print(f"peak RSS at N {rss_n / 2**20:.0f} MiB, at 10N {rss_10n / 2**20:.0f} MiB: "
                   f"ratio {rss_10n / rss_n:.2f}")
 

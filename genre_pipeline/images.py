@@ -1,18 +1,18 @@
 """Poster decoding, resizing, normalisation and augmentation, shared by training and inference.
 
 Everything is driven by a `PreprocessSpec` stored in the checkpoint, so the label job preprocesses exactly
-as training did and never takes these settings from its command line.
+as training did and never takes these settings from its command line. Free of torch on purpose: Ray Data's
+fetch and decode workers import this module, and torch would add ~400 MB and seconds of start-up to each.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
-from torchvision.transforms import v2
 
 # Truncated files must fail loudly (status unreadable_poster), not decode as half-grey pictures.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -50,11 +50,29 @@ def decode_poster(data: bytes, image_size: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.draft("RGB", (image_size, image_size))
-            rgb = to_rgb(image)
-            resized = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
-            return np.asarray(resized, dtype=np.uint8)
+            rgb = np.asarray(to_rgb(image), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise PosterDecodeError(f"cannot decode image: {error}") from None
+    return resize_rgb(rgb, image_size)
+
+
+def resize_rgb(rgb: np.ndarray, image_size: int) -> np.ndarray:
+    """H×W×3 uint8 -> image_size² (squashed, not cropped), bilinear with antialiasing like PIL's.
+
+    torch's uint8 AVX2 kernel does it in a third of PIL's time (0.3 vs 0.9 ms for a 300x450 poster), within
+    one grey level of PIL. Imported here, not at the top: fetch workers import this module and never resize.
+    """
+    if rgb.shape[:2] == (image_size, image_size):
+        return rgb
+    import torch
+
+    with torch.inference_mode(), warnings.catch_warnings():
+        # PIL's arrays are read-only; the resize only reads them, so torch's "not writable" warning is noise.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        nchw = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
+        resized = torch.nn.functional.interpolate(nchw, size=(image_size, image_size), mode="bilinear",
+                                                  antialias=True)
+        return resized[0].permute(1, 2, 0).contiguous().numpy()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -67,32 +85,3 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
-
-
-def to_model_input(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 NHWC batch -> normalised float NCHW in channels_last memory (faster convolutions on CPU and GPU).
-
-    NHWC uint8 permuted to NCHW *is* channels_last already, so no copy is made before the float conversion.
-    """
-    mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1) * 255.0
-    batch = images.permute(0, 3, 1, 2).float()
-    return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
-def training_augmentation(image_size: int) -> v2.Compose:
-    """The study's augmentations, on uint8 CHW tensors: random resized crop, flip, colour jitter."""
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-        ]
-    )
-
-
-def augment_batch(images: np.ndarray, augmentation: v2.Compose) -> np.ndarray:
-    """Augment a uint8 NHWC batch image by image (each gets its own random parameters)."""
-    tensors = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    augmented = torch.stack([augmentation(t) for t in tensors])
-    return augmented.permute(0, 2, 3, 1).contiguous().numpy()

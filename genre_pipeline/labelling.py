@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -14,8 +15,8 @@ import ray
 from genre_pipeline import storage
 from genre_pipeline.catalog import CatalogError, check_movie_ids, validate_schema
 from genre_pipeline.checkpoints import ModelMeta, read_meta
-from genre_pipeline.inference import GenrePredictor
-from genre_pipeline.labels import STATUS_OK, to_label_table
+from genre_pipeline.labeller import PosterLabeller
+from genre_pipeline.labels import STATUS_OK
 from genre_pipeline.output import NightOutput
 from genre_pipeline.posters import decode_posters, fetch_posters
 
@@ -26,6 +27,12 @@ CATALOG_COLUMNS = ["movie_id", "title", "poster_uri"]
 # decoded 224px images (~150 KB each) stays around 20 MB in the object store and that even a small
 # catalogue splits into enough blocks to keep every actor busy.
 DECODE_BATCH_ROWS = 128
+# Fetching posters and writing Parquet wait on I/O: each such task reserves a quarter of a CPU, so a few
+# overlap their waits beside the scoring actors (each is a worker process: more would cost memory).
+IO_TASK_CPUS = 0.25
+# Ray Data lists and reads the catalogue in tasks that need one whole CPU (not configurable): the actors on a
+# CPU node leave one, or the job waits forever.
+IO_CPU_RESERVE = 1.0
 
 
 @dataclass(frozen=True)
@@ -34,11 +41,25 @@ class LabelConfig:
     model: str
     output: str
     run_date: str
-    batch_size: int = 64  # images per forward pass; the model's sweet spot on CPU and a safe start on GPUs
+    batch_size: int | None = None  # images per forward pass; None: DEFAULT_BATCH_SIZE for the device
     actors: int = 1
     num_gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None  # Ray's reservation. None: 1 with GPUs; on CPUs, the node's CPUs less
+    # IO_CPU_RESERVE, shared by the node's actors
+    threads_per_actor: int | None = None  # None: on CPUs, the node's cores shared by its actors (the reserved
+    # CPU's I/O tasks mostly wait, so the model keeps it busy too); with GPUs, the CPUs the actor holds
+    precision: str = "auto"  # bf16 on GPUs, fp32 on CPUs unless asked
+    compile_model: bool = False
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.num_gpus_per_actor > 0
+
+
+# Measured on 2 Xeon cores (benchmarks/label_throughput.py): 32-64 is the plateau for both models; a GPU
+# needs hundreds per pass to stay busy, bounded by its memory (`--batch-size` for the card).
+DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 256}
 
 
 @dataclass(frozen=True)
@@ -56,6 +77,43 @@ class LabelSummary:
     @property
     def posters_per_second(self) -> float:
         return self.rows_by_status.get(STATUS_OK, 0) / self.seconds if self.seconds else 0.0
+
+
+def resolve_batch_size(config: LabelConfig) -> int:
+    return config.batch_size or DEFAULT_BATCH_SIZE["cuda" if config.on_gpu else "cpu"]
+
+
+class ActorResourcesError(ValueError):
+    """Actor sizes this cluster cannot run (the job would wait forever)."""
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    cpus: float  # what Ray reserves for each actor
+    threads: int  # intra-op threads (and, on CPUs, decode threads) of each actor
+
+
+def smallest_node_cpus() -> float:
+    return min((node["Resources"]["CPU"] for node in ray.nodes()
+                if node.get("Alive") and node["Resources"].get("CPU")), default=1.0)
+
+
+def resolve_actor_resources(config: LabelConfig) -> ActorResources:
+    """CPU actors share each node's cores but leave Ray Data the CPU its read tasks need."""
+    if config.on_gpu:
+        cpus = config.cpus_per_actor or 1.0
+        return ActorResources(cpus, config.threads_per_actor or max(1, math.ceil(cpus)))
+    node_cpus = smallest_node_cpus()
+    nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU")))
+    actors_per_node = math.ceil(config.actors / nodes)
+    available = node_cpus - IO_CPU_RESERVE
+    cpus = config.cpus_per_actor or max(0.1, available / actors_per_node)
+    if cpus * actors_per_node > available + 1e-9:
+        raise ActorResourcesError(
+            f"--cpus-per-actor {cpus:g} x {actors_per_node} actors per node leaves Ray Data less than the "
+            f"{IO_CPU_RESERVE:g} CPU its read tasks need on {node_cpus:g}-CPU nodes; lower it or --actors")
+    threads = config.threads_per_actor or max(1, round(node_cpus / actors_per_node))
+    return ActorResources(cpus, threads)
 
 
 def check_storage(config: LabelConfig) -> None:
@@ -85,34 +143,32 @@ def count_catalog_rows(uri: str, options: storage.StorageOptions) -> int:
 
 
 def build_label_dataset(
-    config: LabelConfig, meta: ModelMeta, *, run_id: str, labelled_at: datetime
+    config: LabelConfig, meta: ModelMeta, resources: ActorResources, *, run_id: str, labelled_at: datetime
 ) -> ray.data.Dataset:
-    """read -> fetch -> decode+resize (CPU tasks) -> GenrePredictor pool -> label rows; lazy, streaming."""
+    """read -> fetch (I/O tasks) -> [decode (CPU tasks) on GPUs] -> PosterLabeller pool; lazy, streaming."""
     options = config.storage_options
     fs, path = storage.arrow_filesystem(config.catalog, options)
-    return (
-        ray.data.read_parquet(path, filesystem=fs)
+    posters = (
+        ray.data.read_parquet(path, filesystem=fs, num_cpus=IO_TASK_CPUS)
         .select_columns(CATALOG_COLUMNS)  # projection is pushed down into the Parquet read
         # Small blocks, streamed: a catalogue that is one Parquet file must still feed every actor of the pool.
         .repartition(target_num_rows_per_block=DECODE_BATCH_ROWS)
-        .map_batches(fetch_posters, fn_kwargs={"options": options}, batch_size=DECODE_BATCH_ROWS)
-        .map_batches(decode_posters, fn_kwargs={"image_size": meta.preprocess.image_size},
-                     batch_size=DECODE_BATCH_ROWS)
-        .map_batches(
-            GenrePredictor,
-            fn_constructor_kwargs={"checkpoint_uri": config.model, "storage_options": options,
-                                   "device": "cuda" if config.num_gpus_per_actor > 0 else "cpu"},
-            compute=ray.data.ActorPoolStrategy(size=config.actors),
-            batch_size=config.batch_size,
-            num_gpus=config.num_gpus_per_actor,
-            num_cpus=config.cpus_per_actor,
-        )
-        .map_batches(
-            to_label_table,
-            fn_kwargs={"genres": meta.genres, "thresholds": meta.threshold_array,
-                       "model_version": meta.model_version, "run_id": run_id, "labelled_at": labelled_at},
-            batch_size=DECODE_BATCH_ROWS,
-        )
+        .map_batches(fetch_posters, fn_kwargs={"options": options}, batch_size=DECODE_BATCH_ROWS,
+                     num_cpus=IO_TASK_CPUS)
+    )
+    if config.on_gpu:  # the GPU actors' own CPU could not decode fast enough: decoding scales out in tasks
+        posters = posters.map_batches(decode_posters, fn_kwargs={"image_size": meta.preprocess.image_size},
+                                      batch_size=DECODE_BATCH_ROWS)
+    return posters.map_batches(
+        PosterLabeller,
+        fn_constructor_kwargs={"checkpoint_uri": config.model, "run_id": run_id, "labelled_at": labelled_at,
+                               "decode": not config.on_gpu, "device": "cuda" if config.on_gpu else "cpu",
+                               "precision": config.precision, "compile_model": config.compile_model,
+                               "num_threads": resources.threads, "storage_options": options},
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        batch_size=resolve_batch_size(config),
+        num_gpus=config.num_gpus_per_actor,
+        num_cpus=resources.cpus,
     )
 
 
@@ -122,12 +178,13 @@ def label_catalog(config: LabelConfig) -> LabelSummary:
     check_storage(config)
     meta = read_meta(config.model, config.storage_options)  # fail before any work when the model is unreadable
     expected_rows = count_catalog_rows(config.catalog, config.storage_options)
+    resources = resolve_actor_resources(config)
     run_id = f"{config.run_date}-{uuid.uuid4().hex[:8]}"
     night = NightOutput(config.output, config.run_date, run_id, config.storage_options)
     night.clean_stale()
-    labels = build_label_dataset(config, meta, run_id=run_id, labelled_at=datetime.now(timezone.utc))
+    labels = build_label_dataset(config, meta, resources, run_id=run_id, labelled_at=datetime.now(timezone.utc))
     fs, staging_path = storage.arrow_filesystem(night.staging_uri, config.storage_options)
-    labels.write_parquet(staging_path, filesystem=fs)
+    labels.write_parquet(staging_path, filesystem=fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
     rows_by_status = night.check_complete(expected_rows)
     night.commit()
     return LabelSummary(night.partition_uri, run_id, meta.model_version, rows_by_status,

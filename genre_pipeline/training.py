@@ -23,8 +23,9 @@ from torch import nn
 from genre_pipeline import storage
 from genre_pipeline.checkpoints import ModelMeta, runtime_versions, save_checkpoint
 from genre_pipeline.evaluation import summary_metrics, tune_thresholds
-from genre_pipeline.images import PreprocessSpec, to_model_input
+from genre_pipeline.images import PreprocessSpec
 from genre_pipeline.models import build_model
+from genre_pipeline.tensors import to_model_input
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import pyarrow.compute as pc
 import ray
 
 from genre_pipeline import storage
+from genre_pipeline.augmentation import augment_batch, training_augmentation
 from genre_pipeline.catalog import is_validation, read_catalog
 from genre_pipeline.genres import encode_many
-from genre_pipeline.images import augment_batch, training_augmentation
 from genre_pipeline.labels import STATUS_OK
 from genre_pipeline.posters import decode_posters, fetch_posters
 

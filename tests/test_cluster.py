@@ -137,7 +137,7 @@ def wait_for_job(cluster: Cluster, job_id: str) -> str:
 def predictor_actors(cluster: Cluster) -> list[dict]:
     listed = ray_cli("list", "actors", "--address", cluster.dashboard, "--format", "json", "--detail",
                      "--limit", "10000", env=cluster.env)
-    return [a for a in json.loads(listed.stdout) if "GenrePredictor" in a.get("class_name", "")]
+    return [a for a in json.loads(listed.stdout) if "PosterLabeller" in a.get("class_name", "")]
 
 
 def assert_one_row_per_movie(output: str) -> None:

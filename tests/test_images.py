@@ -5,15 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
+from genre_pipeline.augmentation import augment_batch, training_augmentation
 from genre_pipeline.images import (
     IMAGENET_MEAN,
     PosterDecodeError,
     PreprocessSpec,
-    augment_batch,
     decode_poster,
-    to_model_input,
-    training_augmentation,
 )
+from genre_pipeline.tensors import to_model_input
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:

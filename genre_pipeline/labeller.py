@@ -1,0 +1,41 @@
+"""`PosterLabeller`: the label job's actor. It scores a batch of catalogue rows and returns their label rows.
+
+On CPU it also decodes the posters, on a thread per CPU it holds: a separate decode stage would copy every
+decoded image through the object store and compete with the model for the same cores. On GPUs decoding
+stays in Ray Data's CPU tasks, which scale out to as many cores as the GPUs need.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import pyarrow as pa
+
+from genre_pipeline import storage
+from genre_pipeline.inference import GenrePredictor
+from genre_pipeline.labels import to_label_table
+from genre_pipeline.posters import Batch, decode_posters
+
+logger = logging.getLogger(__name__)
+
+
+class PosterLabeller:
+    """One model load per actor; each call: (decode,) score the `ok` rows, build the contract's rows."""
+
+    def __init__(self, checkpoint_uri: str, *, run_id: str, labelled_at: datetime, decode: bool,
+                 device: str = "auto", precision: str = "auto", compile_model: bool = False,
+                 num_threads: int | None = None,
+                 storage_options: storage.StorageOptions = storage.StorageOptions()) -> None:
+        self.predictor = GenrePredictor(checkpoint_uri, storage_options=storage_options, device=device,
+                                        num_threads=num_threads, precision=precision, compile_model=compile_model)
+        meta = self.predictor.meta
+        self.label_kwargs = {"genres": meta.genres, "thresholds": meta.threshold_array,
+                             "model_version": meta.model_version, "run_id": run_id, "labelled_at": labelled_at}
+        self.decode_pool = ThreadPoolExecutor(self.predictor.threads) if decode else None
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        if self.decode_pool is not None:
+            batch = decode_posters(batch, image_size=self.predictor.spec.image_size, pool=self.decode_pool)
+        return to_label_table(self.predictor(batch), **self.label_kwargs)

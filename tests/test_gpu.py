@@ -1,0 +1,96 @@
+"""CUDA: prediction agrees with the CPU, training steps run, and benchmarks/gpu_check.py passes.
+
+The `gpu` tests skip where there is no CUDA device; the last test runs everywhere and checks that the GPU check
+says so and exits 3 on a machine without one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SMALL = 64  # model input side: enough for the models' pooling, small enough to keep the CPU reference quick
+
+
+def load_gpu_check() -> ModuleType:
+    """Import benchmarks/gpu_check.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("benchmarks_gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gpu_check() -> ModuleType:
+    return load_gpu_check()
+
+
+@pytest.fixture(scope="module")
+def posters(gpu_check, tmp_path_factory):
+    """16 generated posters of real size, decoded at SMALL, and a random-weight cnn checkpoint."""
+    built = gpu_check.make_posters(tmp_path_factory.mktemp("gpu"), "cnn", 16, image_size=SMALL)
+    return built, gpu_check.decode_many(built.read_all(), SMALL, workers=2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("arch", ["cnn", "resnet50"])
+def test_predictor_on_cuda_agrees_with_cpu(gpu_check, posters, tmp_path, arch):
+    built, images = posters
+    model_uri = built.model_uri if arch == "cnn" else gpu_check.make_posters(tmp_path, arch, 1, SMALL).model_uri
+    check = gpu_check.predict_check(model_uri, images, torch.device("cuda"))
+    assert check.passed, check.detail
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_training_steps_on_cuda_are_finite_and_lower_the_loss(gpu_check, posters):
+    built, images = posters
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = gpu_check.training_model("cnn", device)
+    batch, target = torch.from_numpy(images).to(device), torch.from_numpy(built.targets).to(device)
+    losses = gpu_check.train_steps(model, batch, target, built.spec, steps=10)
+    assert np.isfinite(losses).all(), losses
+    assert losses[-1] < losses[0], losses  # a fixed batch: ten AdamW steps must fit it better
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_one_fp32_training_step_matches_the_cpu(gpu_check, posters):
+    built, images = posters
+    check = gpu_check.train_step_check("cnn", images[:8], built.targets[:8], built.spec, torch.device("cuda"))
+    assert check.passed, check.detail
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_check_script_passes(gpu_check, capsys):
+    code = gpu_check.main(["--arch", "cnn", "--posters", "16", "--batch-size", "8", "--image-size", str(SMALL),
+                           "--train-batch-size", "8", "--train-steps", "2"])
+    out = capsys.readouterr().out
+    assert code == gpu_check.EXIT_OK, out
+    for line in ("GPU ", "ceiling:", "end to end:", "check predict:", "check train step:", "all 2 checks passed"):
+        assert line in out, out
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_3():
+    # Hide any GPU so this holds on every machine: the script must be harmless to call from CPU-only CI.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--posters", "4"], capture_output=True, text=True,
+                            env=env, timeout=300, cwd=REPO)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stdout.strip() == "no CUDA device: nothing to check", result.stdout + result.stderr
