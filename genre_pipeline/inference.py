@@ -70,8 +70,7 @@ class GenrePredictor:
                  compile_model: bool = False) -> None:
         self.device = resolve_device(device)
         self.threads = num_threads or actor_cpu_count()
-        if self.device.type == "cpu":
-            torch.set_num_threads(self.threads)
+        self._use_threads()
         self.autocast_dtype = autocast_dtype(precision, self.device)
         model, self.meta = load_checkpoint(checkpoint_uri, storage_options)
         self.model = fold_batch_norms(model.eval()).to(self.device, memory_format=torch.channels_last)
@@ -81,9 +80,21 @@ class GenrePredictor:
         logger.info("GenrePredictor loaded %s on %s (%s, %d threads)", self.meta.model_version, self.device,
                     self.autocast_dtype or torch.float32, self.threads)
 
+    def _use_threads(self) -> None:
+        """Intra-op threads and denormal flushing are per calling thread with OpenMP, and Ray Data calls the
+        actor from another thread than the one that built it (where Ray's OMP_NUM_THREADS=1 applies): set
+        both on the calling thread, every call (it costs microseconds)."""
+        if self.device.type == "cpu":
+            if torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
+            # Denormal activations (common in freshly initialised and fine-tuned nets) run many times slower
+            # on x86; flushing them to zero changes no score by more than 1e-30.
+            torch.set_flush_denormal(True)
+
     @torch.inference_mode()
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 N×S×S×3 -> sigmoid scores N×G (float32)."""
+        self._use_threads()
         with warnings.catch_warnings():
             # Ray Data hands zero-copy, read-only arrays; the model only reads them (to_model_input makes the
             # float copy), so torch's "not writable" warning on every batch is noise.
