@@ -244,7 +244,7 @@ def device_decode_rate(data: Sequence[bytes], image_size: int, batch_size: int,
 
 def predict_check(model_uri: str, images: np.ndarray, device: torch.device) -> Check:
     """Scores on `device` against CPU fp32 on the same posters, with the checkpoint's thresholds."""
-    reference = GenrePredictor(model_uri, device="cpu", num_threads=usable_cpus())
+    reference = GenrePredictor(model_uri, device="cpu", num_threads=usable_cpus(), precision="fp32")
     candidate = GenrePredictor(model_uri, device=str(device), num_threads=usable_cpus())
     expected, got = reference.predict(images), candidate.predict(images)
     thresholds = reference.meta.threshold_array
@@ -340,8 +340,7 @@ def train_step_check(arch: str, images: np.ndarray, targets: np.ndarray, spec: P
 
 
 def compiled_ceiling(model_uri: str, images: np.ndarray, batch_size: int, device: torch.device) -> float:
-    predictor = GenrePredictor(model_uri, device=str(device), num_threads=usable_cpus())
-    predictor.model = torch.compile(predictor.model)
+    predictor = GenrePredictor(model_uri, device=str(device), num_threads=usable_cpus(), compile_model=True)
     return ceiling(predictor, images, batch_size)  # its warm-up pays for compilation, outside the timing
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -40,6 +41,7 @@ def actor_cpu_count() -> int:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -50,6 +52,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def reuse_freed_memory() -> None:
+    """Keep freed activation buffers in the heap instead of returning them to the OS (glibc).
+
+    glibc serves allocations above 32 MB with mmap and unmaps them on free, so every batch's activations were
+    page-faulted and zeroed afresh: measured on 2 cores, a third of the CPU time went to the kernel at batch 32.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
@@ -71,6 +87,8 @@ class GenrePredictor:
         self.device = resolve_device(device)
         self.threads = num_threads or actor_cpu_count()
         self._use_threads()
+        if self.device.type == "cpu":
+            reuse_freed_memory()
         self.autocast_dtype = autocast_dtype(precision, self.device)
         model, self.meta = load_checkpoint(checkpoint_uri, storage_options)
         self.model = fold_batch_norms(model.eval()).to(self.device, memory_format=torch.channels_last)

@@ -1,13 +1,15 @@
 """`PosterLabeller`: the label job's actor. It scores a batch of catalogue rows and returns their label rows.
 
-On CPU it also decodes the posters, on a thread per CPU it holds: a separate decode stage would copy every
-decoded image through the object store and compete with the model for the same cores. On GPUs decoding
-stays in Ray Data's CPU tasks, which scale out to as many cores as the GPUs need.
+On CPU it also fetches and decodes the posters, on a thread per core it owns, while its other call scores the
+previous batch: separate stages would copy every poster through the object store and compete with the model
+for the same cores. On GPUs fetching and decoding stay in Ray Data's CPU tasks, which scale out to as many
+cores as the GPUs need.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
@@ -16,7 +18,7 @@ import pyarrow as pa
 from genre_pipeline import storage
 from genre_pipeline.inference import GenrePredictor
 from genre_pipeline.labels import to_label_table
-from genre_pipeline.posters import Batch, decode_posters
+from genre_pipeline.posters import Batch, decode_posters, fetch_posters
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +36,13 @@ class PosterLabeller:
         self.label_kwargs = {"genres": meta.genres, "thresholds": meta.threshold_array,
                              "model_version": meta.model_version, "run_id": run_id, "labelled_at": labelled_at}
         self.decode_pool = ThreadPoolExecutor(self.predictor.threads) if decode else None
+        self.storage_options = storage_options
+        self.model_lock = threading.Lock()
 
     def __call__(self, batch: Batch) -> pa.Table:
         if self.decode_pool is not None:
+            batch = fetch_posters(batch, options=self.storage_options)
             batch = decode_posters(batch, image_size=self.predictor.spec.image_size, pool=self.decode_pool)
-        return to_label_table(self.predictor(batch), **self.label_kwargs)
+        with self.model_lock:  # Ray Data runs two calls at once: one prepares its batch, one scores
+            scored = self.predictor(batch)
+        return to_label_table(scored, **self.label_kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,10 +88,17 @@ def make_optimizer(model: nn.Module, config: LoopConfig) -> tuple[torch.optim.Op
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(config))
 
 
+@dataclass(frozen=True)
+class EpochResult:
+    loss: float  # mean training loss of this worker's rows
+    rows: int  # rows this worker trained on
+    seconds: float  # wall time of the epoch's training pass (data loading included)
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-                    loss_fn: nn.Module, spec: PreprocessSpec) -> float:
-    """Mean training loss over the epoch."""
+                    loss_fn: nn.Module, spec: PreprocessSpec) -> EpochResult:
     model.train()
+    started = time.perf_counter()
     total, count = 0.0, 0
     for batch in batches:
         logits = model(to_model_input(batch["image"], spec))
@@ -100,7 +108,16 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
         optimizer.step()
         total += loss.item() * len(logits)
         count += len(logits)
-    return total / max(count, 1)
+    return EpochResult(total / max(count, 1), count, time.perf_counter() - started)
+
+
+def global_rows(rows: int) -> int:
+    """Rows trained on by all workers together (each worker sees its shard)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    counts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, rows)  # objects, not a CPU tensor: works on gloo and nccl groups alike
+    return sum(counts)
 
 
 @torch.inference_mode()
@@ -186,8 +203,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     dtypes = {"image": torch.uint8, "target": torch.float32}
     while state.epoch < config.epochs and not stopped_early(state, config):
         batches = train_shard.iter_torch_batches(batch_size=config.batch_size, dtypes=dtypes, drop_last=False)
-        train_loss = train_one_epoch(model, batches, optimizer, loss_fn, config.preprocess)
+        epoch = train_one_epoch(model, batches, optimizer, loss_fn, config.preprocess)
         scheduler.step()
+        throughput = {"train_loss": epoch.loss, "train_seconds": epoch.seconds,
+                      "train_samples_per_second": global_rows(epoch.rows) / epoch.seconds if epoch.seconds else 0.0}
         val_batches = val_shard.iter_torch_batches(batch_size=config.batch_size, dtypes=dtypes)
         y_true, scores = (gather_rows(a) for a in evaluate(model, val_batches, config.preprocess, len(config.genres)))
         metrics, thresholds = validation_metrics(y_true, scores)
@@ -196,7 +215,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         meta = ModelMeta(arch=config.arch, genres=list(config.genres), preprocess=config.preprocess,
                          thresholds=thresholds.tolist(), epoch=state.epoch, metrics=metrics,
                          data_fingerprint=config.data_fingerprint, versions=runtime_versions())
-        report_epoch(model, optimizer, scheduler, state, {"train_loss": train_loss, **metrics}, meta)
+        report_epoch(model, optimizer, scheduler, state, {**throughput, **metrics}, meta)
 
 
 def update_early_stopping(state: TrainState, score: float) -> None:

@@ -1,4 +1,5 @@
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ from genre_pipeline.images import (
     PosterDecodeError,
     PreprocessSpec,
     decode_poster,
+    resize_rgb,
 )
+from genre_pipeline.posters import decode_posters
 from genre_pipeline.tensors import to_model_input
 
 
@@ -92,3 +95,30 @@ def test_augmentation_keeps_shape_and_changes_pixels():
     augmented = augment_batch(images, training_augmentation(32))
     assert augmented.shape == images.shape and augmented.dtype == np.uint8
     assert not np.array_equal(augmented, images)
+
+
+def test_resize_matches_pil_bilinear_within_a_grey_level():
+    rgb = np.random.default_rng(0).integers(0, 256, (450, 300, 3), dtype=np.uint8)
+    ours = resize_rgb(rgb, 224).astype(int)
+    pil = np.asarray(Image.fromarray(rgb).resize((224, 224), Image.Resampling.BILINEAR, reducing_gap=None))
+    assert ours.shape == (224, 224, 3)
+    assert np.abs(ours - pil.astype(int)).max() <= 1
+
+
+def test_decoding_on_a_thread_pool_gives_the_same_batch():
+    rng = np.random.default_rng(1)
+    posters = [encoded(Image.fromarray(rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)), "JPEG")
+               for _ in range(6)]
+    posters[3] = b"not an image"
+
+    def batch() -> dict:
+        return {"poster_uri": np.array([f"p{i}.jpg" for i in range(6)], dtype=object),
+                "poster_bytes": np.array(posters, dtype=object),
+                "status": np.array(["ok"] * 6, dtype=object), "error": np.array([None] * 6, dtype=object)}
+
+    serial = decode_posters(batch(), image_size=32)
+    with ThreadPoolExecutor(2) as pool:
+        pooled = decode_posters(batch(), image_size=32, pool=pool)
+    np.testing.assert_array_equal(serial["image"], pooled["image"])
+    assert list(pooled["status"]) == ["ok", "ok", "ok", "unreadable_poster", "ok", "ok"]
+    assert pooled["error"][3].startswith("p3.jpg: cannot decode image")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -11,7 +13,13 @@ from conftest import load_job, save_random_model
 
 from genre_pipeline.catalog import CATALOG_SCHEMA
 from genre_pipeline.genres import GENRES, score_columns
-from genre_pipeline.labelling import LabelConfig, label_catalog
+from genre_pipeline.labelling import (
+    ActorResources,
+    ActorResourcesError,
+    LabelConfig,
+    label_catalog,
+    resolve_actor_resources,
+)
 from genre_pipeline.labels import labels_schema
 from genre_pipeline.sample import draw_poster, jpeg_bytes
 
@@ -109,3 +117,21 @@ def test_job_exit_codes_and_nothing_written_on_bad_input(ray_local, catalog, che
     ok = job.main(["--catalog", catalog, "--model", checkpoint, "--output", str(out), "--run-date", "2026-11-05"])
     assert ok == 0
     assert f"output: {out}/run_date=2026-11-05" in capsys.readouterr().out
+
+
+def test_cpu_actors_share_the_node_and_leave_ray_data_a_cpu(ray_local, catalog, checkpoint):
+    config = LabelConfig(catalog=catalog, model=checkpoint, output="unused", run_date="2026-11-01")
+    assert resolve_actor_resources(config) == ActorResources(cpus=1.0, threads=2)  # 2-CPU local Ray
+    assert resolve_actor_resources(replace(config, actors=2)) == ActorResources(cpus=0.5, threads=1)
+    assert resolve_actor_resources(replace(config, num_gpus_per_actor=1)) == ActorResources(cpus=1.0, threads=1)
+    with pytest.raises(ActorResourcesError, match="--cpus-per-actor 2 x 1 actors per node"):
+        resolve_actor_resources(replace(config, cpus_per_actor=2))
+
+
+def test_actors_that_would_starve_ray_data_fail_fast(ray_local, catalog, checkpoint, tmp_path, caplog):
+    job = load_job("label_catalog")
+    out = tmp_path / "labels"
+    code = job.main(["--catalog", catalog, "--model", checkpoint, "--output", str(out), "--cpus-per-actor", "2"])
+    assert code == 2
+    assert "leaves Ray Data less than the 1 CPU its read tasks need" in caplog.text
+    assert not out.exists()

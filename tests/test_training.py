@@ -51,6 +51,9 @@ def test_cnn_learns_beyond_the_frequency_prior(ray_local, sample_catalog, tmp_pa
     assert (meta.arch, meta.genres, meta.preprocess.image_size) == ("cnn", list(GENRES), 64)
     assert len(meta.thresholds) == 18 and all(0.0 < t < 1.0 for t in meta.thresholds)
     assert meta.data_fingerprint == fingerprint(train, val)
+    # Throughput is reported per epoch: every worker's rows over the epoch's training time.
+    trained_rows = meta.metrics["train_samples_per_second"] * meta.metrics["train_seconds"]
+    assert train.num_rows * 0.9 <= trained_rows <= train.num_rows + 1e-6, (trained_rows, train.num_rows)
 
 
 @pytest.mark.slow

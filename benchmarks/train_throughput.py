@@ -1,0 +1,136 @@
+"""Training throughput: the Ray Train job with 2 workers against a plain single-process PyTorch loop.
+
+    python benchmarks/train_throughput.py --arch cnn --movies 600 --epochs 3 --batch-size 32
+
+Both train the same model (random initial weights, same seed) on the same generated posters (JPEGs of real
+poster size, 300x450), with the same global batch, loss, optimiser and augmentation (decode, random resized
+crop, flip, colour jitter), for the same epochs:
+  (a) plain loop: one process, torch threads = cores; each batch is read, decoded and augmented in line;
+  (b) genre_pipeline: `TorchTrainer` with 2 DDP workers (batch/2 each), fed by Ray Data's streaming
+      decode+augment tasks, exactly as `jobs/train_genre_model.py` runs it.
+Prints samples/s of each (median over the epochs after the first, which pays start-up) and (b)/(a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from genre_pipeline.catalog import write_catalog  # noqa: E402
+from genre_pipeline.genres import GENRES  # noqa: E402
+from genre_pipeline.images import PreprocessSpec  # noqa: E402
+from genre_pipeline.models import DEFAULT_IMAGE_SIZE, build_model  # noqa: E402
+from genre_pipeline.posters import fetch_posters  # noqa: E402
+from genre_pipeline.sample import build_sample_catalog  # noqa: E402
+from genre_pipeline.trainer import TrainJobConfig, build_trainer  # noqa: E402
+from genre_pipeline.training import make_optimizer, train_one_epoch  # noqa: E402
+from genre_pipeline.training_data import (  # noqa: E402
+    GENRE_SEPARATOR,
+    load_training_rows,
+    positive_weights,
+    prepare_training_batch,
+    split_rows,
+)
+
+SEED = 0
+
+
+def job_config(catalog: str, root: Path, args: argparse.Namespace) -> TrainJobConfig:
+    return TrainJobConfig(catalog=catalog, storage_path=str(root / "runs"), name="bench", arch=args.arch,
+                          epochs=args.epochs, batch_size=args.batch_size // args.workers, lr=1e-3,
+                          num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                          val_fraction=args.val_fraction, image_size=args.image_size, seed=SEED)
+
+
+def plain_batches(rows: pa.Table, batch_size: int, image_size: int):
+    """What a plain script does per step: read, decode and augment the batch's posters, in line."""
+    labels = [GENRE_SEPARATOR.join(g) for g in rows["genres"].to_pylist()]
+    uris = rows["poster_uri"].to_pylist()
+    order = np.random.default_rng(SEED).permutation(len(uris))
+    for start in range(0, len(order), batch_size):
+        picked = order[start:start + batch_size]
+        batch = {"poster_uri": np.array([uris[i] for i in picked], dtype=object),
+                 "genre_labels": np.array([labels[i] for i in picked], dtype=object)}
+        prepared = prepare_training_batch(fetch_posters(batch), genres=GENRES, image_size=image_size,
+                                          augment=True)
+        yield {"image": torch.from_numpy(prepared["image"]), "target": torch.from_numpy(prepared["target"])}
+
+
+def plain_loop(config: TrainJobConfig, image_size: int) -> list[float]:
+    """(a) samples/s of each epoch of the single-process loop."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    train_rows, _ = split_rows(load_training_rows(config.catalog, config.storage_options), config.val_fraction)
+    torch.manual_seed(SEED)
+    model = build_model(arch=config.arch, num_genres=len(GENRES))
+    trainer, loop = build_trainer(config)  # the job's own optimiser settings and class weights
+    del trainer
+    optimizer, _ = make_optimizer(model, loop)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(positive_weights(train_rows, GENRES)))
+    rates = []
+    for _ in range(config.epochs):
+        batches = plain_batches(train_rows, config.batch_size * config.num_workers, image_size)
+        epoch = train_one_epoch(model, batches, optimizer, loss_fn, PreprocessSpec(image_size))
+        rates.append(epoch.rows / epoch.seconds)
+    return rates
+
+
+def ray_train(config: TrainJobConfig) -> list[float]:
+    """(b) samples/s of each epoch, as the job's workers report them (all workers' rows / rank 0's time)."""
+    trainer, _ = build_trainer(config)
+    result = trainer.fit()
+    return [float(v) for v in result.metrics_dataframe["train_samples_per_second"]]
+
+
+def steady(rates: list[float]) -> float:
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["cnn", "resnet50"], default="cnn")
+    parser.add_argument("--movies", type=int, default=600, help="generated movies (about 93%% have a poster)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch (split across the workers)")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the arch's")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cpus-per-worker", type=float, default=0.5,
+                        help="Ray CPUs per worker; the rest is left to Ray Data's decode+augment tasks")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    args = parser.parse_args()
+    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.arch]
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    print(f"{args.arch} at {args.image_size}px, {args.movies} movies, global batch {args.batch_size}, "
+          f"{args.epochs} epochs, {os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}",
+          flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_catalog(build_sample_catalog(str(root / "sample"), args.movies, seed=1), str(root / "catalog.parquet"))
+        config = job_config(str(root / "catalog.parquet"), root, args)
+        started = time.perf_counter()
+        a = plain_loop(config, args.image_size)
+        print(f"(a) plain loop, 1 process         {steady(a):7.1f} samples/s   epochs: "
+              f"{' '.join(f'{r:.1f}' for r in a)}  ({time.perf_counter() - started:.0f} s)", flush=True)
+        started = time.perf_counter()
+        b = ray_train(config)
+        print(f"(b) Ray Train, {args.workers} workers           {steady(b):7.1f} samples/s   epochs: "
+              f"{' '.join(f'{r:.1f}' for r in b)}  ({time.perf_counter() - started:.0f} s)", flush=True)
+        print(f"(b)/(a) = {steady(b) / steady(a):.2f}")
+
+
+if __name__ == "__main__":
+    main()

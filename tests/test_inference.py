@@ -1,0 +1,65 @@
+"""GenrePredictor: what scoring changes for speed (folded batch norms, bf16, threads) and what it keeps."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_random_model
+
+from genre_pipeline.checkpoints import load_checkpoint
+from genre_pipeline.inference import GenrePredictor
+from genre_pipeline.tensors import to_model_input
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory) -> str:
+    return save_random_model(tmp_path_factory.mktemp("model") / "model", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+
+
+def unfused_scores(model_uri: str, images: np.ndarray) -> np.ndarray:
+    model, meta = load_checkpoint(model_uri)
+    with torch.inference_mode():
+        return torch.sigmoid(model.eval()(to_model_input(torch.from_numpy(images), meta.preprocess))).numpy()
+
+
+def test_folded_batch_norms_score_like_the_trained_model(model_uri, images):
+    predictor = GenrePredictor(model_uri, device="cpu", num_threads=1)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())  # really folded
+    np.testing.assert_allclose(predictor.predict(images), unfused_scores(model_uri, images), atol=1e-5)
+
+
+def test_bf16_on_cpu_is_close_but_not_exact(model_uri, images):
+    fp32 = GenrePredictor(model_uri, device="cpu", num_threads=1, precision="fp32").predict(images)
+    bf16 = GenrePredictor(model_uri, device="cpu", num_threads=1, precision="bf16").predict(images)
+    difference = np.abs(bf16 - fp32)
+    assert 0 < difference.max() < 0.05
+
+
+def test_unknown_precision_is_refused(model_uri):
+    with pytest.raises(ValueError, match="precision 'int4'"):
+        GenrePredictor(model_uri, device="cpu", precision="int4")
+
+
+def test_threads_are_set_on_the_calling_thread(model_uri, images):
+    """Ray Data calls the actor from another thread than its constructor's, where Ray's OMP_NUM_THREADS=1
+    would otherwise apply: the predictor sets its thread count on whichever thread calls it."""
+    predictor = GenrePredictor(model_uri, device="cpu", num_threads=2)
+    seen = []
+
+    def score_elsewhere() -> None:
+        torch.set_num_threads(1)
+        predictor.predict(images)
+        seen.append(torch.get_num_threads())
+
+    worker = threading.Thread(target=score_elsewhere)
+    worker.start()
+    worker.join()
+    assert seen == [2]
