@@ -164,6 +164,12 @@ def pipeline(config: LabelConfig) -> float:
     return summary.rows_by_status.get("ok", 0) / summary.seconds
 
 
+def start_up_seconds(root: Path, model: str, args: argparse.Namespace) -> float:
+    """The job's fixed cost (checks, actor start, model load, first read, commit): its time for 8 posters."""
+    catalog, _ = make_inputs(root, args.arch, 8, model=False)
+    return label_catalog(job_config(catalog, model, root, args)).seconds
+
+
 def measured(name: str, run: Callable[[], float]) -> tuple[float, int]:
     with PeakRss() as rss:
         rate = run()
@@ -197,6 +203,10 @@ def main() -> None:
                         lambda: peer(catalog, model, resolve_batch_size(config), root))
         c, rss_n = measured("(c) genre_pipeline label_catalog", lambda: pipeline(config))
         print(f"(c)/(a) = {c / a:.2f}   (c)/(b) = {c / b:.2f}")
+        fixed = start_up_seconds(root / "tiny", model, args)
+        steady = 1 / (1 / c - fixed / args.posters)
+        print(f"start-up (the job on 8 posters): {fixed:.1f} s; without it (c) = {steady:.1f} posters/s: "
+              f"(c)/(a) = {steady / a:.2f}   (c)/(b) = {steady / b:.2f}")
         if args.scale:
             big_catalog, _ = make_inputs(root / "10n", args.arch, 10 * args.posters)
             _, rss_10n = measured(f"(c) at 10x = {10 * args.posters} posters",

@@ -78,6 +78,11 @@ def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
         return model
 
 
+def is_run(rows: np.ndarray) -> bool:
+    """Consecutive row numbers: a slice of the images is a view, not a copy."""
+    return len(rows) > 0 and rows[-1] - rows[0] == len(rows) - 1
+
+
 class GenrePredictor:
     """Loads the checkpoint once; each call scores the `ok` rows of a batch and drops the image column."""
 
@@ -124,13 +129,16 @@ class GenrePredictor:
             logits = self.model(to_model_input(batch, self.spec))
         return torch.sigmoid(logits.float()).cpu().numpy()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray], *, forward_batch: int | None = None) -> dict[str, np.ndarray]:
+        """Scores the `ok` rows, `forward_batch` images per forward pass (default: all at once)."""
         images = batch.pop("image")
-        ok = batch["status"] == STATUS_OK
+        ok = np.flatnonzero(batch["status"] == STATUS_OK)
         scores = np.full((len(images), len(self.meta.genres)), np.nan, dtype=np.float32)
-        if ok.any():
+        step = forward_batch or max(1, len(ok))
+        for start in range(0, len(ok), step):
+            rows = ok[start:start + step]
             started = time.perf_counter()
-            scores[ok] = self.predict(images[ok] if not ok.all() else images)
+            scores[rows] = self.predict(images[rows[0]:rows[-1] + 1] if is_run(rows) else images[rows])
             telemetry.observe_predict_batch(time.perf_counter() - started, self.device.type)
         batch["scores"] = scores
         return batch

@@ -28,7 +28,7 @@ class PosterLabeller:
 
     def __init__(self, checkpoint_uri: str, *, run_id: str, labelled_at: datetime, decode: bool,
                  device: str = "auto", precision: str = "auto", compile_model: bool = False,
-                 num_threads: int | None = None,
+                 num_threads: int | None = None, forward_batch: int | None = None,
                  storage_options: storage.StorageOptions = storage.StorageOptions()) -> None:
         self.predictor = GenrePredictor(checkpoint_uri, storage_options=storage_options, device=device,
                                         num_threads=num_threads, precision=precision, compile_model=compile_model)
@@ -37,6 +37,7 @@ class PosterLabeller:
                              "model_version": meta.model_version, "run_id": run_id, "labelled_at": labelled_at}
         self.decode_pool = ThreadPoolExecutor(self.predictor.threads) if decode else None
         self.storage_options = storage_options
+        self.forward_batch = forward_batch
         self.model_lock = threading.Lock()
 
     def __call__(self, batch: Batch) -> pa.Table:
@@ -44,5 +45,5 @@ class PosterLabeller:
             batch = fetch_posters(batch, options=self.storage_options)
             batch = decode_posters(batch, image_size=self.predictor.spec.image_size, pool=self.decode_pool)
         with self.model_lock:  # Ray Data runs two calls at once: one prepares its batch, one scores
-            scored = self.predictor(batch)
+            scored = self.predictor(batch, forward_batch=self.forward_batch)
         return to_label_table(scored, **self.label_kwargs)

@@ -175,11 +175,14 @@ def build_label_dataset(
         fn_constructor_kwargs={"checkpoint_uri": config.model, "run_id": run_id, "labelled_at": labelled_at,
                                "decode": not config.on_gpu, "device": "cuda" if config.on_gpu else "cpu",
                                "precision": config.precision, "compile_model": config.compile_model,
-                               "num_threads": resources.threads, "storage_options": options},
+                               "num_threads": resources.threads, "forward_batch": resolve_batch_size(config),
+                               "storage_options": options},
         # Two calls at once per actor: one fetches and decodes its batch while the other holds the model.
         compute=ray.data.ActorPoolStrategy(size=config.actors, max_concurrent_calls_per_actor=2,
                                            enable_true_multi_threading=True),
-        batch_size=resolve_batch_size(config),
+        # On CPU a call takes a whole block (Ray Data's per-call overhead is paid per 128 posters, not per 8)
+        # and scores it in forward passes of --batch-size.
+        batch_size=resolve_batch_size(config) if config.on_gpu else DECODE_BATCH_ROWS,
         num_gpus=config.num_gpus_per_actor,
         num_cpus=resources.cpus,
         runtime_env={"env_vars": ACTOR_ENV},
