@@ -19,6 +19,7 @@ from genre_pipeline.labeller import PosterLabeller
 from genre_pipeline.labels import STATUS_OK
 from genre_pipeline.output import NightOutput
 from genre_pipeline.posters import decode_posters, fetch_posters
+from genre_pipeline.runtime import TORCH_WORKER_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +34,6 @@ IO_TASK_CPUS = 0.25
 # Ray Data lists and reads the catalogue in tasks that need one whole CPU (not configurable): the actors on a
 # CPU node leave one, or the job waits forever.
 IO_CPU_RESERVE = 1.0
-
-
-# Read when the actor's process starts. glibc serves allocations over 32 MB (a batch's activations) with
-# mmap in threads other than the main one, so each batch page-faulted and zeroed its activations afresh (a
-# third of the actor's CPU time, measured): one arena with high thresholds keeps freed buffers for the next
-# batch. OpenMP threads that spin between forward passes would take the cores the decode threads need.
-ACTOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-             "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass(frozen=True)
@@ -185,7 +178,7 @@ def build_label_dataset(
         batch_size=resolve_batch_size(config) if config.on_gpu else DECODE_BATCH_ROWS,
         num_gpus=config.num_gpus_per_actor,
         num_cpus=resources.cpus,
-        runtime_env={"env_vars": ACTOR_ENV},
+        runtime_env={"env_vars": TORCH_WORKER_ENV},
     )
 
 

@@ -14,6 +14,7 @@ from genre_pipeline.checkpoints import META_FILE, ModelMeta, copy_checkpoint
 from genre_pipeline.genres import GENRES
 from genre_pipeline.images import PreprocessSpec
 from genre_pipeline.models import DEFAULT_IMAGE_SIZE
+from genre_pipeline.runtime import TORCH_WORKER_ENV
 from genre_pipeline.training import LoopConfig, train_loop_per_worker
 from genre_pipeline.training_data import (
     fingerprint,
@@ -96,6 +97,7 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
         ),
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=path, storage_filesystem=fs,
+            worker_runtime_env={"env_vars": TORCH_WORKER_ENV},
             # Keep the best epoch (what gets published) and the latest (what resuming needs).
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=loop.monitor, checkpoint_score_order="max"),
