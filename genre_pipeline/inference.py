@@ -28,15 +28,14 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def actor_cpu_count() -> int:
-    """CPUs Ray assigned to this actor; intra-op threads beyond that would fight the other actors."""
-    try:
-        import ray
+    """CPUs Ray assigned to this actor (rounded up), else the machine's: more threads would fight other actors."""
+    import ray
 
+    # Outside Ray (tests, benchmarks, gpu_check) asking for the runtime context would start a Ray instance.
+    if ray.is_initialized():
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if cpus:
             return max(1, math.ceil(cpus - 1e-6))
-    except Exception:  # outside Ray (unit tests, benchmarks)
-        pass
     return os.cpu_count() or 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -46,6 +47,14 @@ def test_bf16_on_cpu_is_close_but_not_exact(model_uri, images):
 def test_unknown_precision_is_refused(model_uri):
     with pytest.raises(ValueError, match="precision 'int4'"):
         GenrePredictor(model_uri, device="cpu", precision="int4")
+
+
+def test_outside_ray_it_uses_the_machines_cores_and_starts_no_ray(model_uri):
+    import ray
+
+    ray_was_running = ray.is_initialized()  # other tests share a session-wide local Ray
+    assert GenrePredictor(model_uri, device="cpu").threads == os.cpu_count()
+    assert ray.is_initialized() == ray_was_running
 
 
 def test_threads_are_set_on_the_calling_thread(model_uri, images):
