@@ -24,12 +24,12 @@ from genre_pipeline.runtime import TORCH_WORKER_ENV
 logger = logging.getLogger(__name__)
 
 CATALOG_COLUMNS = ["movie_id", "title", "poster_uri"]
-# Rows per block and per fetch/decode task: enough to amortise task overhead, small enough that a block of
-# decoded 224px images (~150 KB each) stays around 20 MB in the object store and that even a small
-# catalogue splits into enough blocks to keep every actor busy.
+# Rows per block, per CPU actor call and per GPU-path fetch/decode task: enough to amortise Ray Data's per-call
+# cost, small enough that a block of decoded 224px images (~150 KB each) stays around 20 MB in the object
+# store and that even a small catalogue splits into enough blocks to keep every actor busy.
 DECODE_BATCH_ROWS = 128
-# Fetching posters and writing Parquet wait on I/O: each such task reserves a quarter of a CPU, so a few
-# overlap their waits beside the scoring actors (each is a worker process: more would cost memory).
+# Writing Parquet (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter of a
+# CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
 IO_TASK_CPUS = 0.25
 # Ray Data lists and reads the catalogue in tasks that need one whole CPU (not configurable): the actors on a
 # CPU node leave one, or the job waits forever.
