@@ -33,12 +33,11 @@ from genre_pipeline.images import PreprocessSpec  # noqa: E402
 from genre_pipeline.models import DEFAULT_IMAGE_SIZE, build_model  # noqa: E402
 from genre_pipeline.posters import fetch_posters  # noqa: E402
 from genre_pipeline.sample import build_sample_catalog  # noqa: E402
-from genre_pipeline.trainer import TrainJobConfig, build_trainer  # noqa: E402
+from genre_pipeline.trainer import TrainJobConfig, build_trainer, loop_config  # noqa: E402
 from genre_pipeline.training import make_optimizer, train_one_epoch  # noqa: E402
 from genre_pipeline.training_data import (  # noqa: E402
     GENRE_SEPARATOR,
     load_training_rows,
-    positive_weights,
     prepare_training_batch,
     split_rows,
 )
@@ -70,13 +69,13 @@ def plain_batches(rows: pa.Table, batch_size: int, image_size: int):
 def plain_loop(config: TrainJobConfig, image_size: int) -> list[float]:
     """(a) samples/s of each epoch of the single-process loop."""
     torch.set_num_threads(os.cpu_count() or 1)
-    train_rows, _ = split_rows(load_training_rows(config.catalog, config.storage_options), config.val_fraction)
+    train_rows, val_rows = split_rows(load_training_rows(config.catalog, config.storage_options),
+                                      config.val_fraction)
+    loop = loop_config(config, train_rows, val_rows)  # the job's own optimiser settings and class weights
     torch.manual_seed(SEED)
     model = build_model(arch=config.arch, num_genres=len(GENRES))
-    trainer, loop = build_trainer(config)  # the job's own optimiser settings and class weights
-    del trainer
     optimizer, _ = make_optimizer(model, loop)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(positive_weights(train_rows, GENRES)))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(loop.pos_weight))
     rates = []
     for _ in range(config.epochs):
         batches = plain_batches(train_rows, config.batch_size * config.num_workers, image_size)

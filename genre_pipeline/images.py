@@ -1,8 +1,10 @@
-"""Poster decoding, resizing, normalisation and augmentation, shared by training and inference.
+"""Poster decoding and resizing, shared by training and inference (normalising: `tensors.py`, augmenting:
+`augmentation.py`).
 
 Everything is driven by a `PreprocessSpec` stored in the checkpoint, so the label job preprocesses exactly
 as training did and never takes these settings from its command line. Free of torch on purpose: Ray Data's
-fetch and decode workers import this module, and torch would add ~400 MB and seconds of start-up to each.
+fetch workers import this module, and torch would add ~400 MB and seconds of start-up to each (the resize
+imports torch when first called).
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ logger = logging.getLogger(__name__)
 
 
 class PosterLabeller:
-    """One model load per actor; each call: (decode,) score the `ok` rows, build the contract's rows."""
+    """One model load per actor; each call: (fetch and decode,) score the `ok` rows, build the contract's rows."""
 
-    def __init__(self, checkpoint_uri: str, *, run_id: str, labelled_at: datetime, decode: bool,
+    def __init__(self, checkpoint_uri: str, *, run_id: str, labelled_at: datetime, fetch_and_decode: bool,
                  device: str = "auto", precision: str = "auto", compile_model: bool = False,
                  num_threads: int | None = None, forward_batch: int | None = None,
                  storage_options: storage.StorageOptions = storage.StorageOptions()) -> None:
@@ -35,7 +35,7 @@ class PosterLabeller:
         meta = self.predictor.meta
         self.label_kwargs = {"genres": meta.genres, "thresholds": meta.threshold_array,
                              "model_version": meta.model_version, "run_id": run_id, "labelled_at": labelled_at}
-        self.decode_pool = ThreadPoolExecutor(self.predictor.threads) if decode else None
+        self.decode_pool = ThreadPoolExecutor(self.predictor.threads) if fetch_and_decode else None
         self.storage_options = storage_options
         self.forward_batch = forward_batch
         self.model_lock = threading.Lock()

@@ -53,8 +53,8 @@ def fetch_posters(batch: Batch, *, options: storage.StorageOptions = storage.Sto
 def decode_posters(batch: Batch, *, image_size: int, pool: Executor | None = None) -> Batch:
     """Replace `poster_bytes` by `image` (uint8, N×S×S×3); rows that do not decode get zeros and a status.
 
-    With a `pool`, posters decode on its threads: PIL releases the GIL while it decodes and resizes, so a
-    batch uses every core the caller holds instead of one.
+    With a `pool`, posters decode on its threads: PIL's decoder and torch's resize release the GIL, so a batch
+    uses every core the caller holds instead of one.
     """
     count = len(batch["status"])
     images = np.zeros((count, image_size, image_size, 3), dtype=np.uint8)

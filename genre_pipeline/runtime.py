@@ -15,8 +15,9 @@ from genre_pipeline.storage import StorageOptions
 # runs our code in such threads: each batch page-faulted and zeroed its activations afresh (a third of the
 # CPU time, measured). One arena with high thresholds keeps freed buffers for the next batch. OpenMP threads
 # spinning between forward passes would take the cores that decoding threads need.
-TORCH_WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-                    "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "OMP_WAIT_POLICY": "PASSIVE"}
+KEEP_FREED_BYTES = 1 << 30  # glibc's mmap and trim thresholds for torch processes
+TORCH_WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(KEEP_FREED_BYTES),
+                    "MALLOC_TRIM_THRESHOLD_": str(KEEP_FREED_BYTES), "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -45,7 +45,7 @@ POSTERS = LiveMetric(
     "fetch_failed); training counts every epoch's pass", ("status",))
 # From a GPU batch (tens of ms) to a CPU batch of 64 posters at 224 px (seconds).
 PREDICT_BATCH_SECONDS = LiveMetric(
-    PREFIX + "predict_batch_seconds", "histogram", "Wall time of one GenrePredictor batch (forward pass)",
+    PREFIX + "predict_batch_seconds", "histogram", "Wall time of one forward pass (a --batch-size batch)",
     ("device",), (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
 LABEL_ROWS_WRITTEN = LiveMetric(
     PREFIX + "label_rows_written_total", "counter",

@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="intra-op (and decode) threads per actor; default on CPU: the node's cores shared by its "
                         "actors, with GPUs: the actor's CPUs")
     p.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
-                   help="auto: bf16 autocast on GPUs, fp32 on CPUs; bf16 on CPUs is ~2x faster on AVX512-BF16 "
-                        "cores and moves scores slightly (measure it with evaluate.py)")
+                   help="auto: bf16 autocast on GPUs, fp32 on CPUs; bf16 on CPUs is faster on AVX512-BF16 cores "
+                        "(1.8x for resnet50) and moves scores slightly: compare two nights with evaluate.py")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in each actor (GPU runs)")
     p.add_argument("--pushgateway", default=None, help="HOST:PORT of a Prometheus Pushgateway")
     add_storage_flags(p)
