@@ -32,8 +32,9 @@ def actor_cpu_count() -> int:
     """CPUs Ray assigned to this actor (rounded up), else the machine's: more threads would fight other actors."""
     import ray
 
-    # Outside Ray (tests, benchmarks, gpu_check) asking for the runtime context would start a Ray instance.
-    if ray.is_initialized():
+    # Outside Ray (tests, benchmarks, gpu_check) asking for the runtime context would start a Ray instance, and
+    # a driver (a notebook after ray.init()) has no task and no assigned resources to ask for.
+    if ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if cpus:
             return max(1, math.ceil(cpus - 1e-6))

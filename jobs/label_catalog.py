@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help=f"images per forward pass; default {DEFAULT_BATCH_SIZE['cpu']} on CPU, "
                         f"{DEFAULT_BATCH_SIZE['cuda']} on GPU (lower it if the card runs out of memory)")
-    p.add_argument("--actors", type=int, default=defaults.actors, help="PosterLabeller actors (model replicas)")
+    p.add_argument("--actors", type=int, default=defaults.actors,
+                   help="PosterLabeller actors (model replicas); default on CPU: one per core of the cluster's "
+                        "nodes, single-threaded; with GPUs: the cluster's GPUs over --num-gpus-per-actor")
     p.add_argument("--num-gpus-per-actor", type=float, default=defaults.num_gpus_per_actor,
                    help="GPUs per actor; 0 scores on CPU")
     p.add_argument("--cpus-per-actor", type=float, default=defaults.cpus_per_actor,
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{IO_CPU_RESERVE:g} for Ray Data's read tasks, shared by the node's actors")
     p.add_argument("--threads-per-actor", type=int, default=defaults.threads_per_actor,
                    help="intra-op (and decode) threads per actor; default on CPU: the node's cores shared by its "
-                        "actors, with GPUs: the actor's CPUs")
+                        "actors (1 with the default --actors), with GPUs: the actor's CPUs")
     p.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                    help="auto: bf16 autocast on GPUs, fp32 on CPUs; bf16 on CPUs is faster on AVX512-BF16 cores "
                         "(1.8x for resnet50) and moves scores slightly: compare two nights with evaluate.py")

@@ -57,6 +57,11 @@ def test_outside_ray_it_uses_the_machines_cores_and_starts_no_ray(model_uri):
     assert ray.is_initialized() == ray_was_running
 
 
+def test_in_a_ray_driver_it_uses_the_machines_cores(ray_local, model_uri):
+    """A driver (a notebook after ray.init()) is not a task: no CPUs were assigned to it."""
+    assert GenrePredictor(model_uri, device="cpu").threads == os.cpu_count()
+
+
 def test_threads_are_set_on_the_calling_thread(model_uri, images):
     """Ray Data calls the actor from another thread than its constructor's, where Ray's OMP_NUM_THREADS=1
     would otherwise apply: the predictor sets its thread count on whichever thread calls it."""

@@ -121,10 +121,17 @@ def test_job_exit_codes_and_nothing_written_on_bad_input(ray_local, catalog, che
 
 def test_cpu_actors_share_the_node_and_leave_ray_data_a_cpu(ray_local, catalog, checkpoint):
     config = LabelConfig(catalog=catalog, model=checkpoint, output="unused", run_date="2026-11-01")
-    assert resolve_actor_resources(config) == ActorResources(cpus=1.0, threads=2)  # 2-CPU local Ray
-    assert resolve_actor_resources(replace(config, actors=2)) == ActorResources(cpus=0.5, threads=1)
-    assert resolve_actor_resources(replace(config, num_gpus_per_actor=1)) == ActorResources(cpus=1.0, threads=1)
-    with pytest.raises(ActorResourcesError, match="--cpus-per-actor 2 x 1 actors per node"):
+    # 2-CPU local Ray: by default a single-threaded actor per core, sharing the CPU Ray Data leaves
+    assert resolve_actor_resources(config) == ActorResources(actors=2, cpus=0.5, threads=1)
+    assert resolve_actor_resources(config, rows=1000) == ActorResources(actors=2, cpus=0.5, threads=1)
+    # a catalogue of one block gets one actor, which then has the node's cores
+    assert resolve_actor_resources(config, rows=100) == ActorResources(actors=1, cpus=1.0, threads=2)
+    assert resolve_actor_resources(replace(config, actors=1)) == ActorResources(actors=1, cpus=1.0, threads=2)
+    assert resolve_actor_resources(replace(config, actors=4)) == ActorResources(actors=4, cpus=0.25, threads=1)
+    # no GPU in this cluster: the GPU default is still one actor (an autoscaler may add the GPU)
+    assert resolve_actor_resources(replace(config, num_gpus_per_actor=1)) == ActorResources(
+        actors=1, cpus=1.0, threads=1)
+    with pytest.raises(ActorResourcesError, match="--cpus-per-actor 2 x 2 actors per node"):
         resolve_actor_resources(replace(config, cpus_per_actor=2))
 
 
