@@ -1,6 +1,6 @@
 """`PosterLabeller`: the label job's actor. It scores a batch of catalogue rows and returns their label rows.
 
-On CPU it also fetches and decodes the posters, on a thread per core it owns, while its other call scores the
+On CPU it also fetches and decodes the posters, on as many threads as it scores with, while its other call scores the
 previous batch: separate stages would copy every poster through the object store and compete with the model
 for the same cores. On GPUs fetching and decoding stay in Ray Data's CPU tasks, which scale out to as many
 cores as the GPUs need.
