@@ -111,20 +111,32 @@ def cluster_gpus() -> float:
 
 
 def resolve_actor_resources(config: LabelConfig, rows: int | None = None) -> ActorResources:
-    """The pool's size and each actor's CPUs and threads; `rows` (the catalogue's) caps the default pool size.
-
-    CPU actors share each node's cores but leave Ray Data the CPU its read tasks need. By default each core gets
-    its own single-threaded actor: separate actors never wait on each other, while an actor's threads meet at
-    every layer, so a decode thread or another process taking one core stalls its whole forward pass (on 2 cores,
-    two cnn actors score 265 posters/s, one actor with two threads 239, and more than that less in the job).
-    """
+    """The pool's size and each actor's CPUs and threads, from the live cluster; `rows` (the catalogue's) caps
+    the default pool size on CPUs."""
     if config.on_gpu:
         actors = config.actors or max(1, int(cluster_gpus() / config.num_gpus_per_actor))
         cpus = config.cpus_per_actor or 1.0
         return ActorResources(actors, cpus, config.threads_per_actor or max(1, math.ceil(cpus)))
-    nodes = node_cpus() or [1.0]
+    nodes = node_cpus()
+    if not nodes:
+        raise ActorResourcesError("no live Ray node has CPUs to score on (give the cluster CPU workers)")
+    return size_cpu_actors(config, nodes, rows)
+
+
+def size_cpu_actors(config: LabelConfig, nodes: list[float], rows: int | None) -> ActorResources:
+    """CPU actors on nodes of these CPU counts: they share each node's cores but leave Ray Data the CPU its read
+    tasks need.
+
+    By default each core gets its own single-threaded actor: separate actors never wait on each other, while an
+    actor's threads meet at every layer, so a decode thread or another process taking one core stalls its whole
+    forward pass (on 2 cores two cnn processes scored 265 posters/s, one process with two threads 239).
+    """
     smallest = min(nodes)
-    actors = config.actors or default_cpu_actors(len(nodes) * max(1, int(smallest)), rows)
+    if smallest <= IO_CPU_RESERVE:
+        raise ActorResourcesError(
+            f"a {smallest:g}-CPU node cannot score on CPUs: Ray Data's read tasks need {IO_CPU_RESERVE:g} whole CPU "
+            "and the actors the rest; give every node at least 2 CPUs, or score on GPUs")
+    actors = config.actors or default_cpu_actors(len(nodes) * int(smallest), rows)
     actors_per_node = math.ceil(actors / len(nodes))
     available = smallest - IO_CPU_RESERVE
     cpus = config.cpus_per_actor or max(0.1, available / actors_per_node)

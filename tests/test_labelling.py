@@ -19,6 +19,7 @@ from genre_pipeline.labelling import (
     LabelConfig,
     label_catalog,
     resolve_actor_resources,
+    size_cpu_actors,
 )
 from genre_pipeline.labels import labels_schema
 from genre_pipeline.sample import draw_poster, jpeg_bytes
@@ -133,6 +134,23 @@ def test_cpu_actors_share_the_node_and_leave_ray_data_a_cpu(ray_local, catalog, 
         actors=1, cpus=1.0, threads=1)
     with pytest.raises(ActorResourcesError, match="--cpus-per-actor 2 x 2 actors per node"):
         resolve_actor_resources(replace(config, cpus_per_actor=2))
+
+
+def test_cpu_pool_is_sized_from_the_nodes():
+    config = LabelConfig(catalog="c", model="m", output="o", run_date="2026-11-01")
+    # two 8-CPU nodes: 16 single-threaded actors sharing the 7 CPUs each node leaves after Ray Data's
+    assert size_cpu_actors(config, [8.0, 8.0], rows=None) == ActorResources(actors=16, cpus=7 / 8, threads=1)
+    # 3 blocks of rows: 3 actors, 2 on one node, each with half its cores
+    assert size_cpu_actors(config, [8.0, 8.0], rows=300) == ActorResources(actors=3, cpus=3.5, threads=4)
+    # nodes of different sizes: sized for the smallest
+    assert size_cpu_actors(config, [4.0, 16.0], rows=None) == ActorResources(actors=8, cpus=0.75, threads=1)
+    assert size_cpu_actors(replace(config, threads_per_actor=2), [4.0], rows=None).threads == 2
+
+
+def test_a_one_cpu_node_is_refused_with_the_reason():
+    config = LabelConfig(catalog="c", model="m", output="o", run_date="2026-11-01")
+    with pytest.raises(ActorResourcesError, match="a 1-CPU node cannot score on CPUs: Ray Data's read tasks need 1"):
+        size_cpu_actors(config, [1.0, 8.0], rows=None)
 
 
 def test_actors_that_would_starve_ray_data_fail_fast(ray_local, catalog, checkpoint, tmp_path, caplog):
