@@ -64,7 +64,7 @@ def decode_posters(batch: Batch, *, image_size: int, pool: Executor | None = Non
 
     def decode_into(row: int) -> str | None:
         try:
-            images[row] = decode_poster(data[row], image_size)
+            decode_poster(data[row], image_size, out=images[row])
             return None
         except PosterDecodeError as failure:
             return f"{batch['poster_uri'][row]}: {failure}"

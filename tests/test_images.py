@@ -122,3 +122,12 @@ def test_decoding_on_a_thread_pool_gives_the_same_batch():
     np.testing.assert_array_equal(serial["image"], pooled["image"])
     assert list(pooled["status"]) == ["ok", "ok", "ok", "unreadable_poster", "ok", "ok"]
     assert pooled["error"][3].startswith("p3.jpg: cannot decode image")
+
+
+def test_resize_into_a_batch_row_writes_that_row_only():
+    rgb = np.random.default_rng(2).integers(0, 256, (450, 300, 3), dtype=np.uint8)
+    batch = np.zeros((3, 64, 64, 3), dtype=np.uint8)
+    returned = resize_rgb(rgb, 64, out=batch[1])
+    assert np.shares_memory(returned, batch[1])
+    assert np.array_equal(batch[1], resize_rgb(rgb, 64))
+    assert not batch[0].any() and not batch[2].any()
