@@ -31,6 +31,10 @@ DECODE_BATCH_ROWS = 128
 # Writing Parquet (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter of a
 # CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
 IO_TASK_CPUS = 0.25
+# Output files bundle this many label rows (~30 MB of Parquet, buffered in the object store until written)
+# instead of one file per 128-row block: a 1M-movie catalogue makes 4 files a night, not 7,800, which is what
+# a warehouse scanning the labels with SQL wants (few files, row groups of ~250k rows).
+ROWS_PER_FILE = 250_000
 # Ray Data lists and reads the catalogue in tasks that need one whole CPU (not configurable): the actors on a
 # CPU node leave one, or the job waits forever.
 IO_CPU_RESERVE = 1.0
@@ -52,6 +56,7 @@ class LabelConfig:
     # the reserved CPU's I/O tasks mostly wait, so the models keep it busy too); with GPUs, the actor's CPUs
     precision: str = "auto"  # bf16 on GPUs, fp32 on CPUs unless asked
     compile_model: bool = False
+    rows_per_file: int = ROWS_PER_FILE  # label rows per output Parquet file
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)
 
     @property
@@ -232,7 +237,8 @@ def label_catalog(config: LabelConfig) -> LabelSummary:
     night.clean_stale()
     labels = build_label_dataset(config, meta, resources, run_id=run_id, labelled_at=datetime.now(timezone.utc))
     fs, staging_path = storage.arrow_filesystem(night.staging_uri, config.storage_options)
-    labels.write_parquet(staging_path, filesystem=fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    labels.write_parquet(staging_path, filesystem=fs, min_rows_per_file=config.rows_per_file,
+                         ray_remote_args={"num_cpus": IO_TASK_CPUS})
     rows_by_status = night.check_complete(expected_rows)
     night.commit()
     return LabelSummary(night.partition_uri, run_id, meta.model_version, rows_by_status,

@@ -103,6 +103,11 @@ def join(base: str, *parts: str) -> str:
 
 def read_bytes(uri: str, options: StorageOptions = StorageOptions()) -> bytes:
     fs, path = fsspec_filesystem(uri, options)
+    if not is_remote(uri):
+        # A plain read: fsspec's local file object seeks to learn the size first, which fails on a stream
+        # (a named pipe) that a plain read handles.
+        with open(path, "rb") as handle:
+            return handle.read()
     return fs.cat_file(path)
 
 

@@ -46,6 +46,13 @@ def run_date(text: str) -> str:
     return date.fromisoformat(text).isoformat()
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = LabelConfig(catalog="", model="", output="", run_date="")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast on GPUs, fp32 on CPUs; bf16 on CPUs is faster on AVX512-BF16 cores "
                         "(1.8x for resnet50) and moves scores slightly: compare two nights with evaluate.py")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in each actor (GPU runs)")
+    p.add_argument("--rows-per-file", type=positive_int, default=defaults.rows_per_file,
+                   help=f"label rows per output Parquet file (default {defaults.rows_per_file:,}); rows wait in "
+                        "Ray's object store until a file's worth is scored")
     p.add_argument("--pushgateway", default=None, help="HOST:PORT of a Prometheus Pushgateway")
     add_storage_flags(p)
     return p
@@ -83,7 +93,7 @@ def parse_config(argv: list[str] | None) -> tuple[LabelConfig, argparse.Namespac
                          batch_size=args.batch_size, actors=args.actors, num_gpus_per_actor=args.num_gpus_per_actor,
                          cpus_per_actor=args.cpus_per_actor, threads_per_actor=args.threads_per_actor,
                          precision=args.precision, compile_model=args.compile,
-                         storage_options=storage_options_from(args))
+                         rows_per_file=args.rows_per_file, storage_options=storage_options_from(args))
     return config, args
 
 

@@ -10,8 +10,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,15 +56,21 @@ def pids_matching(pattern: str) -> list[int]:
 
 
 def kill_tree(pid: int) -> None:
-    for child in pids_children(pid):
-        kill_tree(child)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    for process in descendants(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process, signal.SIGKILL)
 
 
 def pids_children(pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return [int(child) for child in found.stdout.split()]
+
+
+def descendants(pid: int) -> set[int]:
+    found = {pid}
+    for child in pids_children(pid):
+        found |= descendants(child)
+    return found
 
 
 def wait_for_job_server(cluster: Cluster) -> None:
@@ -82,11 +90,15 @@ def cluster():
            "RAY_USAGE_STATS_ENABLED": "0"}
     temp_dir = tempfile.mkdtemp(prefix="gp", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dashboard, worker_nm = free_port(), free_port(), free_port()
+    # Each node's dashboard agent (which takes job submissions) gets its own port: the default one may be held
+    # by the other node or by the tests' local Ray.
+    head_agent, worker_agent = free_port(), free_port()
     try:
         ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard}", f"--num-cpus={NODE_CPUS}", f"--temp-dir={temp_dir}", env=env)
+                f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={head_agent}",
+                f"--num-cpus={NODE_CPUS}", f"--temp-dir={temp_dir}", env=env)
         ray_cli("start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={NODE_CPUS}",
-                f"--node-manager-port={worker_nm}", env=env)
+                f"--node-manager-port={worker_nm}", f"--dashboard-agent-listen-port={worker_agent}", env=env)
         started = Cluster(f"http://127.0.0.1:{dashboard}", temp_dir, worker_nm, env)
         wait_for_job_server(started)
         yield started
@@ -104,12 +116,12 @@ def inputs(tmp_path_factory) -> dict[str, str]:
 
 def submit(cluster: Cluster, inputs: dict[str, str], output: str) -> str:
     job_id = f"genre-label-{uuid.uuid4().hex[:8]}"
-    ray_cli(
-        "job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--submission-id", job_id,
-        "--no-wait", "--",
-        "python", "jobs/label_catalog.py", "--catalog", inputs["catalog"], "--model", inputs["model"],
-        "--output", output, "--run-date", "2026-11-21", "--batch-size", "16", "--actors", "2",
-        "--cpus-per-actor", str(ACTOR_CPUS), env=cluster.env)
+    args = ("job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--submission-id", job_id,
+            "--no-wait", "--",
+            "python", "jobs/label_catalog.py", "--catalog", inputs["catalog"], "--model", inputs["model"],
+            "--output", output, "--run-date", "2026-11-21", "--batch-size", "16", "--actors", "2",
+            "--cpus-per-actor", str(ACTOR_CPUS))
+    ray_cli(*args, env=cluster.env)
     return job_id
 
 
@@ -140,6 +152,65 @@ def predictor_actors(cluster: Cluster) -> list[dict]:
     return [a for a in json.loads(listed.stdout) if "PosterLabeller" in a.get("class_name", "")]
 
 
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+def pids_reading(path: Path) -> set[int]:
+    readers = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == str(path):
+                readers.add(int(fd.parts[2]))
+    return readers
+
+
+class PosterGates:
+    """Posters served through named pipes. A job's read of one blocks until the test serves it, so the test
+    sees which process reads which poster and holds the job there while it breaks the cluster. Every reader,
+    a retried one too, gets the poster's bytes."""
+
+    def __init__(self, posters: list[Path]) -> None:
+        self.data = {poster: poster.read_bytes() for poster in posters}
+        for poster in posters:
+            poster.unlink()
+            os.mkfifo(poster)
+        self.held: list[tuple[Path, int]] = []  # (poster, write end) of readers waiting to be served
+        self.stopped = threading.Event()
+
+    def admit_readers(self) -> None:
+        """Hold every process that has started to read a gated poster (its open completes, its read waits)."""
+        for poster in self.data:
+            with contextlib.suppress(OSError):  # ENXIO: nobody reads it now
+                fd = os.open(poster, os.O_WRONLY | os.O_NONBLOCK)
+                os.set_blocking(fd, True)
+                self.held.append((poster, fd))
+
+    def held_readers(self) -> set[int]:
+        return set().union(*(pids_reading(poster) for poster, _ in self.held))
+
+    def serve_held(self) -> None:
+        for poster, fd in self.held:
+            with contextlib.suppress(BrokenPipeError):  # that reader died with its node; its retry reads again
+                os.write(fd, self.data[poster])  # a few KB: fits the pipe's buffer
+            os.close(fd)
+        self.held = []
+
+    def serve_forever(self) -> None:
+        while not self.stopped.wait(0.05):
+            self.admit_readers()
+            self.serve_held()
+
+    def restore(self) -> None:
+        self.stopped.set()
+        for poster, data in self.data.items():
+            poster.unlink()
+            poster.write_bytes(data)
+
+
 def assert_one_row_per_movie(output: str) -> None:
     labels = pads.dataset(f"{output}/run_date=2026-11-21", format="parquet").to_table(columns=["movie_id"])
     assert labels.num_rows == MOVIES
@@ -161,17 +232,34 @@ def test_submitted_job_uses_both_nodes(cluster, inputs):
 
 @pytest.mark.slow
 def test_losing_a_node_mid_run_still_labels_every_movie_once(cluster, inputs):
+    """The worker node dies while its labelling actor is reading a poster: the actor and its in-flight blocks
+    are lost, and the job must still commit every movie exactly once."""
     output = f"{inputs['root']}/labels-node-lost"
-    job_id = submit(cluster, inputs, output)
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while not any(Path(output, "_staging").rglob("*.parquet")):  # half-way: the first files are written
-        assert time.monotonic() < deadline and not finished(job_status(cluster, job_id)), "ended before half-way"
-        time.sleep(0.1)
+    uris = pads.dataset(inputs["catalog"], format="parquet").to_table(columns=["poster_uri"])["poster_uri"]
+    # Every 64th poster is gated, so every 128-row block waits on one: no actor gets past its first block
+    # until the test lets it.
+    gates = PosterGates([Path(uri) for uri in uris.drop_null().to_pylist()[::64]])
     raylets = pids_matching(f"node_manager_port={cluster.worker_node_manager_port}")
     assert raylets, "the worker node's raylet was not found"
-    for pid in raylets:
-        kill_tree(pid)
-    status = wait_for_job(cluster, job_id)
+    serving = threading.Thread(target=gates.serve_forever, daemon=True)
+    try:
+        job_id = submit(cluster, inputs, output)
+
+        def worker_node_reads() -> bool:
+            gates.admit_readers()
+            return bool(gates.held_readers() & set().union(*(descendants(pid) for pid in raylets)))
+
+        wait_until(worker_node_reads, "the worker node's labelling actor reads a gated poster")
+        assert not finished(job_status(cluster, job_id)), "the job ended while posters were held"
+        for pid in raylets:
+            kill_tree(pid)
+        gates.serve_held()
+        serving.start()
+        status = wait_for_job(cluster, job_id)
+    finally:
+        gates.restore()
     logs = ray_cli("job", "logs", "--address", cluster.dashboard, job_id, env=cluster.env).stdout
     assert f"Job '{job_id}' succeeded" in status, logs[-3000:]
     assert_one_row_per_movie(output)
+    labels = pads.dataset(f"{output}/run_date=2026-11-21", format="parquet").to_table().to_pylist()
+    assert {row["status"] for row in labels if Path(row["poster_uri"] or "") in gates.data} == {"ok"}

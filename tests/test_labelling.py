@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import load_job, save_random_model
+from conftest import load_job, save_random_model, write_sample_parts
 
 from genre_pipeline.catalog import CATALOG_SCHEMA
 from genre_pipeline.genres import GENRES, score_columns
@@ -160,3 +160,21 @@ def test_actors_that_would_starve_ray_data_fail_fast(ray_local, catalog, checkpo
     assert code == 2
     assert "leaves Ray Data less than the 1 CPU its read tasks need" in caplog.text
     assert not out.exists()
+
+
+def test_a_night_is_written_as_few_files_of_whole_row_groups(ray_local, tmp_path):
+    """Scored blocks (128 rows) are bundled into files of --rows-per-file rows, not written one file each."""
+    catalog = write_sample_parts(tmp_path, 700, 2, seed=3)
+    model = save_random_model(tmp_path / "model", image_size=32)
+
+    def night_files(rows_per_file: int | None) -> list[pq.FileMetaData]:
+        output = tmp_path / f"labels-{rows_per_file}"
+        config = LabelConfig(catalog=catalog, model=model, output=str(output), run_date="2026-11-03")
+        label_catalog(config if rows_per_file is None else replace(config, rows_per_file=rows_per_file))
+        return [pq.read_metadata(f) for f in sorted((output / "run_date=2026-11-03").glob("*.parquet"))]
+
+    (whole_night,) = night_files(None)
+    assert (whole_night.num_rows, whole_night.num_row_groups) == (700, 1)
+    bundles = night_files(300)
+    assert sum(f.num_rows for f in bundles) == 700
+    assert len(bundles) == 2 and max(f.num_rows for f in bundles) >= 300  # the last file takes what is left
