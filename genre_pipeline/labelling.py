@@ -31,9 +31,9 @@ DECODE_BATCH_ROWS = 128
 # Writing Parquet (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter of a
 # CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
 IO_TASK_CPUS = 0.25
-# Output files bundle this many label rows (~30 MB of Parquet, buffered in the object store until written)
-# instead of one file per 128-row block: a 1M-movie catalogue makes 4 files a night, not 7,800, which is what
-# a warehouse scanning the labels with SQL wants (few files, row groups of ~250k rows).
+# Output files bundle this many label rows (~30 MB of Parquet; ~80 MB of rows wait in the object store until
+# a file's worth is scored) instead of one file per 128-row block: a 1M-movie catalogue makes 4 files a night,
+# not 7,800, which is what a warehouse scanning the labels with SQL wants (few files, row groups of ~250k rows).
 ROWS_PER_FILE = 250_000
 # Ray Data lists and reads the catalogue in tasks that need one whole CPU (not configurable): the actors on a
 # CPU node leave one, or the job waits forever.

@@ -178,3 +178,14 @@ def test_a_night_is_written_as_few_files_of_whole_row_groups(ray_local, tmp_path
     bundles = night_files(300)
     assert sum(f.num_rows for f in bundles) == 700
     assert len(bundles) == 2 and max(f.num_rows for f in bundles) >= 300  # the last file takes what is left
+
+
+def test_rows_per_file_flag_reaches_the_config_and_refuses_zero(capsys):
+    job = load_job("label_catalog")
+    required = ["--catalog", "c", "--model", "m", "--output", "o"]
+    config, _ = job.parse_config([*required, "--rows-per-file", "5000"])
+    assert config.rows_per_file == 5000
+    assert job.parse_config(required)[0].rows_per_file == 250_000
+    with pytest.raises(SystemExit):
+        job.parse_config([*required, "--rows-per-file", "0"])
+    assert "--rows-per-file: must be at least 1, got 0" in capsys.readouterr().err
