@@ -103,12 +103,12 @@ def join(base: str, *parts: str) -> str:
 
 def read_bytes(uri: str, options: StorageOptions = StorageOptions()) -> bytes:
     fs, path = fsspec_filesystem(uri, options)
-    if not is_remote(uri):
-        # A plain read: fsspec's local file object seeks to learn the size first, which fails on a stream
-        # (a named pipe) that a plain read handles.
-        with open(path, "rb") as handle:
-            return handle.read()
-    return fs.cat_file(path)
+    if is_remote(uri):
+        return fs.cat_file(path)
+    # A plain read: fsspec's local file object seeks to learn the size first, which fails on a stream (a named
+    # pipe) that a plain read handles.
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions()) -> None:

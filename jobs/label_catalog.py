@@ -61,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="labels root; the night goes to <output>/run_date=<date>/")
     p.add_argument("--run-date", type=run_date, default=datetime.now(timezone.utc).date().isoformat(),
                    help="YYYY-MM-DD partition to (re)write; default: today in UTC")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+    p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                    help=f"images per forward pass; default {DEFAULT_BATCH_SIZE['cpu']} on CPU, "
                         f"{DEFAULT_BATCH_SIZE['cuda']} on GPU (lower it if the card runs out of memory)")
-    p.add_argument("--actors", type=int, default=defaults.actors,
+    p.add_argument("--actors", type=positive_int, default=defaults.actors,
                    help="PosterLabeller actors (model replicas); default on CPU: one per core of the cluster's "
                         "nodes, single-threaded; with GPUs: the cluster's GPUs over --num-gpus-per-actor")
     p.add_argument("--num-gpus-per-actor", type=float, default=defaults.num_gpus_per_actor,
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=float, default=defaults.cpus_per_actor,
                    help="CPUs Ray reserves per actor; default 1 with GPUs, else the node's CPUs less "
                         f"{IO_CPU_RESERVE:g} for Ray Data's read tasks, shared by the node's actors")
-    p.add_argument("--threads-per-actor", type=int, default=defaults.threads_per_actor,
+    p.add_argument("--threads-per-actor", type=positive_int, default=defaults.threads_per_actor,
                    help="intra-op (and decode) threads per actor; default on CPU: the node's cores shared by its "
                         "actors (1 with the default --actors), with GPUs: the actor's CPUs")
     p.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,

@@ -75,12 +75,8 @@ def descendants(pid: int) -> set[int]:
 
 def wait_for_job_server(cluster: Cluster) -> None:
     """`ray start` returns before the dashboard's job server answers; poll it, within a deadline."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if ray_cli("job", "list", "--address", cluster.dashboard, env=cluster.env, check=False).returncode == 0:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"the job server at {cluster.dashboard} never answered")
+    wait_until(lambda: ray_cli("job", "list", "--address", cluster.dashboard, env=cluster.env,
+                               check=False).returncode == 0, f"the job server at {cluster.dashboard} answers")
 
 
 @pytest.fixture(scope="module")
