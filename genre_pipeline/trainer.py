@@ -15,7 +15,7 @@ from genre_pipeline.genres import GENRES
 from genre_pipeline.images import PreprocessSpec
 from genre_pipeline.models import DEFAULT_IMAGE_SIZE
 from genre_pipeline.runtime import TORCH_WORKER_ENV
-from genre_pipeline.training import LoopConfig, train_loop_per_worker
+from genre_pipeline.training import TRAIN_DATASET, VAL_DATASET, LoopConfig, train_loop_per_worker
 from genre_pipeline.training_data import (
     fingerprint,
     load_training_rows,
@@ -82,9 +82,9 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
     logger.info("training on %d posters, validating on %d", train_rows.num_rows, val_rows.num_rows)
     size = loop.preprocess.image_size
     datasets = {
-        "train": to_dataset(train_rows, genres=loop.genres, image_size=size, augment=True,
+        TRAIN_DATASET: to_dataset(train_rows, genres=loop.genres, image_size=size, augment=True,
                             options=config.storage_options),
-        "val": to_dataset(val_rows, genres=loop.genres, image_size=size, augment=False,
+        VAL_DATASET: to_dataset(val_rows, genres=loop.genres, image_size=size, augment=False,
                           options=config.storage_options),
     }
     fs, path = storage.arrow_filesystem(config.storage_path, config.storage_options)
@@ -103,8 +103,27 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
                 num_to_keep=2, checkpoint_score_attribute=loop.monitor, checkpoint_score_order="max"),
         ),
         datasets=datasets,
+        dataset_config=WholeValidationSplit(),
     )
     return trainer, loop
+
+
+class WholeValidationSplit(ray.train.DataConfig):
+    """Training rows split equally, validation rows split whole. DDP steps every rank in lockstep, so each needs
+    the same number of training batches (Ray's `equal=True` split drops up to world_size - 1 rows for that). The
+    validation shards are only gathered at the end: dropping rows there would score each epoch, and tune the
+    thresholds, on a different subset of the validation set."""
+
+    def configure(self, datasets: dict[str, ray.data.Dataset], world_size: int, worker_handles: list | None,
+                  worker_node_ids: list | None, **kwargs) -> list[dict[str, ray.data.DataIterator]]:
+        equal = {name: ds for name, ds in datasets.items() if name != VAL_DATASET}
+        shards = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
+        if VAL_DATASET in datasets:
+            val = datasets[VAL_DATASET].copy(datasets[VAL_DATASET])
+            val.context.execution_options = self.default_ingest_options()
+            for shard, split in zip(shards, val.streaming_split(world_size, equal=False), strict=True):
+                shard[VAL_DATASET] = split
+        return shards
 
 
 def publish_best(result: ray.train.Result, config: TrainJobConfig, monitor: str) -> TrainSummary:

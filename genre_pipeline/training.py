@@ -31,6 +31,7 @@ from genre_pipeline.tensors import to_model_input
 logger = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.pt"
+TRAIN_DATASET, VAL_DATASET = "train", "val"  # the Ray Train dataset names
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,12 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec:
     return np.concatenate(targets), np.concatenate(scores)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside DDP. Evaluating through DDP would run its per-forward buffer broadcast, a collective:
+    validation shards differ in size by a batch, so a rank with one more batch would wait on it forever."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def gather_rows(array: np.ndarray) -> np.ndarray:
     """Concatenate every worker's rows (validation is sharded; every rank needs all of it to tune thresholds)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -179,7 +186,7 @@ def report_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "state": asdict(state)}, Path(directory) / TRAIN_STATE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
-            logger.info("epoch %d: %s", state.epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            logger.info("epoch %d: %s", state.epoch, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         ray.train.report({**metrics, "epoch": state.epoch, "resumed_from_epoch": state.resumed_from},
                          checkpoint=checkpoint)
 
@@ -199,7 +206,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     pos_weight = torch.tensor(config.pos_weight, device=device) if config.pos_weight else None
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_shard, val_shard = ray.train.get_dataset_shard(TRAIN_DATASET), ray.train.get_dataset_shard(VAL_DATASET)
     dtypes = {"image": torch.uint8, "target": torch.float32}
     while state.epoch < config.epochs and not stopped_early(state, config):
         batches = train_shard.iter_torch_batches(batch_size=config.batch_size, dtypes=dtypes, drop_last=False)
@@ -208,8 +215,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         throughput = {"train_loss": epoch.loss, "train_seconds": epoch.seconds,
                       "train_samples_per_second": global_rows(epoch.rows) / epoch.seconds if epoch.seconds else 0.0}
         val_batches = val_shard.iter_torch_batches(batch_size=config.batch_size, dtypes=dtypes)
-        y_true, scores = (gather_rows(a) for a in evaluate(model, val_batches, config.preprocess, len(config.genres)))
+        shard = evaluate(unwrapped(model), val_batches, config.preprocess, len(config.genres))
+        y_true, scores = (gather_rows(part) for part in shard)
         metrics, thresholds = validation_metrics(y_true, scores)
+        metrics["val_rows"] = float(len(y_true))  # what the figures were measured on
         state.epoch += 1
         update_early_stopping(state, metrics[config.monitor])
         meta = ModelMeta(arch=config.arch, genres=list(config.genres), preprocess=config.preprocess,

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                          name="train_last_failure_timestamp_seconds", timestamp=time.time())
         return 2
     push_metrics(args.pushgateway, config, summary, time.monotonic() - started)
-    metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(summary.meta.metrics.items()))
+    metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(summary.meta.metrics.items()))
     print(f"best epoch {summary.meta.epoch} of {summary.epochs_run}: {metrics}")
     print(f"model {summary.meta.model_version} published to {summary.model_uri}")
     return 0

@@ -217,10 +217,10 @@ def test_train_job_pushes_its_final_validation_metrics(ray_local, monitoring, sa
     assert printed, "the job's summary lines changed"
     metrics = {k: float(v) for k, v in (item.split("=") for item in printed["metrics"].split())}
     assert set(metrics) == {"val_f1_micro", "val_f1_macro", "val_f1_samples", "val_map_at_1", "val_map_at_3",
-                            "val_map_at_5"}
+                            "val_map_at_5", "val_rows"}
     run = '{job="genre_pipeline_train", run="pushed-cnn"}'
     wait_for_push_since(monitoring, f"genre_pipeline_train_last_success_timestamp_seconds{run}", started)
-    for name, value in metrics.items():  # printed with 4 decimals
+    for name, value in metrics.items():  # printed with 4 significant digits
         assert single_value(monitoring, f"genre_pipeline_train_{name}{run}") == pytest.approx(value, abs=5.1e-5)
     assert single_value(monitoring, f"genre_pipeline_train_best_epoch{run}") == int(printed["epoch"])
     assert single_value(monitoring, f"genre_pipeline_train_epochs{run}") == int(printed["epochs"])

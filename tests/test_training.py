@@ -46,9 +46,14 @@ def test_cnn_learns_beyond_the_frequency_prior(ray_local, sample_catalog, tmp_pa
     train, val = split_rows(load_training_rows(str(sample_catalog), StorageOptions()), 0.25)
     y_val = encode_many(val["genres"].to_pylist())
     prior = prior_scores(frequency_prior(encode_many(train["genres"].to_pylist())), len(y_val))
-    prior_map1 = mean_average_precision_at_k(y_val, prior, 1)
-    assert meta.metrics["val_map_at_1"] >= prior_map1 + 0.1, (meta.metrics, prior_map1)
-    assert meta.metrics["val_map_at_3"] > mean_average_precision_at_k(y_val, prior, 3)
+    # Every validation row scored: 87 rows over 2 workers, where an equal split would drop one.
+    assert meta.metrics["val_rows"] == len(y_val)
+    # Six runs on 87 validation movies (2026-11-30): mAP@1 0.61-0.75, mAP@3 0.58-0.67, against the prior's 0.47 and
+    # 0.47. A model that learned only the genre frequencies scores about the prior; the margin leaves room for the
+    # run-to-run spread (shards reach the workers in a different order each run).
+    for k in (1, 3):
+        prior_map = mean_average_precision_at_k(y_val, prior, k)
+        assert meta.metrics[f"val_map_at_{k}"] >= prior_map + 0.05, (k, meta.metrics, prior_map)
     assert (meta.arch, meta.genres, meta.preprocess.image_size) == ("cnn", list(GENRES), 64)
     assert len(meta.thresholds) == 18 and all(0.0 < t < 1.0 for t in meta.thresholds)
     assert meta.data_fingerprint == fingerprint(train, val)
