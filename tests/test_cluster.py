@@ -5,28 +5,32 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-from conftest import REPO, save_random_model, write_sample_parts
+from conftest import save_random_model, write_sample_parts
+from ray_nodes import (
+    DEADLINE_SECONDS,
+    descendants,
+    free_port,
+    kill_tree,
+    node_env,
+    pids_matching,
+    ray_cli,
+    short_temp_dir,
+    stop_nodes,
+    wait_until,
+)
 
-BIN = Path(sys.executable).parent
 MOVIES, PARTS = 600, 6
 # Each node offers 3 logical CPUs; an actor takes 2, so the pool of 2 lands one actor per node and each node
 # keeps a CPU for Ray Data's read and write tasks.
 NODE_CPUS, ACTOR_CPUS = 3, 2
-DEADLINE_SECONDS = 150
 
 
 @dataclass
@@ -37,42 +41,6 @@ class Cluster:
     env: dict[str, str]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def ray_cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(BIN / "ray"), *args], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=DEADLINE_SECONDS)
-    assert not check or done.returncode == 0, f"ray {' '.join(args[:3])} failed:\n{done.stdout}\n{done.stderr}"
-    return done
-
-
-def pids_matching(pattern: str) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return [int(pid) for pid in found.stdout.split()]
-
-
-def kill_tree(pid: int) -> None:
-    for process in descendants(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process, signal.SIGKILL)
-
-
-def pids_children(pid: int) -> list[int]:
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [int(child) for child in found.stdout.split()]
-
-
-def descendants(pid: int) -> set[int]:
-    found = {pid}
-    for child in pids_children(pid):
-        found |= descendants(child)
-    return found
-
-
 def wait_for_job_server(cluster: Cluster) -> None:
     """`ray start` returns before the dashboard's job server answers; poll it, within a deadline."""
     wait_until(lambda: ray_cli("job", "list", "--address", cluster.dashboard, env=cluster.env,
@@ -81,10 +49,7 @@ def wait_for_job_server(cluster: Cluster) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    # Token authentication stays on (Ray's default for `ray start`); CLI clients need RAY_AUTH_MODE=token.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    temp_dir = tempfile.mkdtemp(prefix="gp", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env, temp_dir = node_env(), short_temp_dir()
     gcs, dashboard, worker_nm = free_port(), free_port(), free_port()
     # Each node's dashboard agent (which takes job submissions) gets its own port: the default one may be held
     # by the other node or by the tests' local Ray.
@@ -99,8 +64,7 @@ def cluster():
         wait_for_job_server(started)
         yield started
     finally:
-        for pid in pids_matching(temp_dir):
-            kill_tree(pid)
+        stop_nodes(temp_dir)
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +110,6 @@ def predictor_actors(cluster: Cluster) -> list[dict]:
     listed = ray_cli("list", "actors", "--address", cluster.dashboard, "--format", "json", "--detail",
                      "--limit", "10000", env=cluster.env)
     return [a for a in json.loads(listed.stdout) if "PosterLabeller" in a.get("class_name", "")]
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
 
 
 def pids_reading(path: Path) -> set[int]:

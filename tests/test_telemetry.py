@@ -1,16 +1,20 @@
 """Metric names and wiring, and Ray's live metrics as a real Ray node exports them.
 
-The live test runs the label job on a Ray of its own: one started with a 1 s metrics report interval (the
-default is 10 s) and with no other job's counts in it, so the exported numbers must equal the job's exactly.
+The live test runs the label job, as a process of its own, on a Ray node of its own (`ray start`): one with a 1 s
+metrics report interval (the default is 10 s) and with no other job's counts in it, so the exported numbers must
+equal the job's exactly.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,16 +22,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from conftest import REPO, load_job, save_random_model
 from prometheus_client.parser import text_string_to_metric_families
+from ray_nodes import free_port, node_env, ray_cli, run_job, short_temp_dir, stop_nodes
 
 from genre_pipeline import posters, telemetry
 from genre_pipeline.catalog import CATALOG_SCHEMA
 from genre_pipeline.checkpoints import ModelMeta
 from genre_pipeline.genres import GENRES
 from genre_pipeline.images import PreprocessSpec
-from genre_pipeline.labelling import LabelConfig, LabelSummary, label_catalog
+from genre_pipeline.labelling import LabelConfig, LabelSummary
 from genre_pipeline.labels import STATUSES
 from genre_pipeline.sample import draw_poster, jpeg_bytes
 
@@ -172,23 +176,27 @@ def test_push_to_an_unreachable_gateway_warns_and_returns_false(caplog):
 # --- live, through a real Ray node --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MetricsNode:
+    address: str
+    metrics_url: str
+    env: dict[str, str]
+
+
 @pytest.fixture(scope="module")
-def fast_metrics_ray() -> Iterator[str]:
-    """A local Ray reporting metrics every second; yields its node's metrics URL. The session's Ray comes back
-    after, started as conftest's ray_local starts it."""
-    session_ray_was_up = ray.is_initialized()
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _system_config={"metrics_report_interval_ms": 1000})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    node = ray.nodes()[0]
+def fast_metrics_node() -> Iterator[MetricsNode]:
+    """A Ray node of its own (`ray start`), reporting metrics every second and holding no other job's counts."""
+    env, temp_dir = node_env(), short_temp_dir()
+    gcs, metrics, agent, client = free_port(), free_port(), free_port(), free_port()
     try:
-        yield f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
+                "--include-dashboard=false", f"--metrics-export-port={metrics}",
+                f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+                f"--temp-dir={temp_dir}", "--system-config", json.dumps({"metrics_report_interval_ms": 1000}),
+                env=env)
+        yield MetricsNode(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{metrics}/metrics", env)
     finally:
-        ray.shutdown()
-        if session_ray_was_up:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            ray.data.DataContext.get_current().enable_progress_bars = False
+        stop_nodes(temp_dir)
 
 
 def exported_samples(url: str) -> list:
@@ -213,17 +221,21 @@ def live_totals(samples: list) -> dict[str, object]:
     return {"posters": posters, **totals}
 
 
-def test_ray_exports_the_label_jobs_live_metrics(fast_metrics_ray, tmp_path):
+def test_ray_exports_the_label_jobs_live_metrics(fast_metrics_node, tmp_path):
     catalog, model = write_label_inputs(tmp_path)
-    summary = label_catalog(LabelConfig(catalog=catalog, model=model, output=str(tmp_path / "labels"),
-                                        run_date=datetime.now(timezone.utc).date().isoformat(), batch_size=4))
-    assert summary.rows_by_status == expected_status_counts()
+    run_date = datetime.now(timezone.utc).date().isoformat()
+    done = run_job("label_catalog", "--catalog", catalog, "--model", model, "--output", str(tmp_path / "labels"),
+                   "--run-date", run_date, "--batch-size", "4",
+                   env={**fast_metrics_node.env, "RAY_ADDRESS": fast_metrics_node.address})
+    assert done.returncode == 0, done.stderr[-3000:]
+    labels = pq.read_table(tmp_path / "labels" / f"run_date={run_date}", columns=["status"])
+    assert dict(Counter(labels["status"].to_pylist())) == expected_status_counts()
     expected = {"posters": {s: float(n) for s, n in expected_status_counts().items()},
                 "rows_written": float(len(LABEL_INPUT_STATUS))}
     # Workers report every second; the node's agent serves the sums. Poll until they show, within a deadline.
     deadline, totals = time.monotonic() + METRICS_DEADLINE_SECONDS, {}
     while time.monotonic() < deadline:
-        totals = live_totals(exported_samples(fast_metrics_ray))
+        totals = live_totals(exported_samples(fast_metrics_node.metrics_url))
         if {key: totals[key] for key in expected} == expected and totals["batches"] >= 2:
             break
         time.sleep(0.5)
