@@ -133,6 +133,11 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec:
     return np.concatenate(targets), np.concatenate(scores)
 
 
+def metrics_line(metrics: dict[str, float]) -> str:
+    """`name=value ...` in name order, 4 significant digits (row counts print whole)."""
+    return " ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """The module inside DDP. Evaluating through DDP would run its per-forward buffer broadcast, a collective:
     validation shards differ in size by a batch, so a rank with one more batch would wait on it forever."""
@@ -186,7 +191,7 @@ def report_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "state": asdict(state)}, Path(directory) / TRAIN_STATE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
-            logger.info("epoch %d: %s", state.epoch, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            logger.info("epoch %d: %s", state.epoch, metrics_line(metrics))
         ray.train.report({**metrics, "epoch": state.epoch, "resumed_from_epoch": state.resumed_from},
                          checkpoint=checkpoint)
 

@@ -23,6 +23,7 @@ from genre_pipeline.models import ARCHS, WeightsUnavailableError  # noqa: E402
 from genre_pipeline.runtime import add_storage_flags, init_ray, setup_logging, storage_options_from  # noqa: E402
 from genre_pipeline.telemetry import TRAIN_JOB, LabelledGauge, push_job_failure, push_job_outcome  # noqa: E402
 from genre_pipeline.trainer import TrainJobConfig, TrainSummary, run_training  # noqa: E402
+from genre_pipeline.training import metrics_line  # noqa: E402
 
 logger = logging.getLogger("train_genre_model")
 
@@ -115,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                          name="train_last_failure_timestamp_seconds", timestamp=time.time())
         return 2
     push_metrics(args.pushgateway, config, summary, time.monotonic() - started)
-    metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(summary.meta.metrics.items()))
-    print(f"best epoch {summary.meta.epoch} of {summary.epochs_run}: {metrics}")
+    print(f"best epoch {summary.meta.epoch} of {summary.epochs_run}: {metrics_line(summary.meta.metrics)}")
     print(f"model {summary.meta.model_version} published to {summary.model_uri}")
     return 0
 

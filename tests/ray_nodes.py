@@ -15,7 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import REPO
@@ -48,12 +49,6 @@ def ray_cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.C
     return done
 
 
-def run_job(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`python jobs/<script>.py ARGS` in a process of its own, as a user's shell runs it."""
-    return subprocess.run([sys.executable, f"jobs/{script}.py", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=DEADLINE_SECONDS)
-
-
 def pids_matching(pattern: str) -> list[int]:
     found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     return [int(pid) for pid in found.stdout.split()]
@@ -82,6 +77,36 @@ def stop_nodes(temp_dir: str) -> None:
     this machine, the tests' local Ray's too)."""
     for pid in pids_matching(temp_dir):
         kill_tree(pid)
+
+
+@dataclass(frozen=True)
+class HeadNode:
+    address: str
+    metrics_url: str  # the node's Prometheus endpoint
+    session_dir: Path  # its logs
+
+    def run_job(self, script: str, *args: str) -> subprocess.CompletedProcess:
+        """`python jobs/<script>.py ARGS` on this node, in a process of its own as a user's shell runs it, with
+        this process's environment as it is now (a test may have changed AWS_*)."""
+        return subprocess.run([sys.executable, f"jobs/{script}.py", *args], env=node_env(RAY_ADDRESS=self.address),
+                              cwd=REPO, capture_output=True, text=True, timeout=DEADLINE_SECONDS)
+
+
+@contextlib.contextmanager
+def head_node(*extra_args: str) -> Iterator[HeadNode]:
+    """A one-node Ray with 2 CPUs on ports of its own; its workers inherit this process's environment as it is
+    when the node starts."""
+    temp_dir = short_temp_dir()
+    gcs, metrics, agent, client = (free_port() for _ in range(4))
+    try:
+        ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
+                "--include-dashboard=false", f"--metrics-export-port={metrics}",
+                f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+                f"--temp-dir={temp_dir}", *extra_args, env=node_env())
+        yield HeadNode(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{metrics}/metrics",
+                       (Path(temp_dir) / "session_latest").resolve())
+    finally:
+        stop_nodes(temp_dir)
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:

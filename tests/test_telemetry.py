@@ -14,7 +14,6 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, load_job, save_random_model
 from prometheus_client.parser import text_string_to_metric_families
-from ray_nodes import free_port, node_env, ray_cli, run_job, short_temp_dir, stop_nodes
+from ray_nodes import HeadNode, head_node
 
 from genre_pipeline import posters, telemetry
 from genre_pipeline.catalog import CATALOG_SCHEMA
@@ -176,27 +175,11 @@ def test_push_to_an_unreachable_gateway_warns_and_returns_false(caplog):
 # --- live, through a real Ray node --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MetricsNode:
-    address: str
-    metrics_url: str
-    env: dict[str, str]
-
-
 @pytest.fixture(scope="module")
-def fast_metrics_node() -> Iterator[MetricsNode]:
+def fast_metrics_node() -> Iterator[HeadNode]:
     """A Ray node of its own (`ray start`), reporting metrics every second and holding no other job's counts."""
-    env, temp_dir = node_env(), short_temp_dir()
-    gcs, metrics, agent, client = free_port(), free_port(), free_port(), free_port()
-    try:
-        ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
-                "--include-dashboard=false", f"--metrics-export-port={metrics}",
-                f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-                f"--temp-dir={temp_dir}", "--system-config", json.dumps({"metrics_report_interval_ms": 1000}),
-                env=env)
-        yield MetricsNode(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{metrics}/metrics", env)
-    finally:
-        stop_nodes(temp_dir)
+    with head_node("--system-config", json.dumps({"metrics_report_interval_ms": 1000})) as node:
+        yield node
 
 
 def exported_samples(url: str) -> list:
@@ -224,9 +207,8 @@ def live_totals(samples: list) -> dict[str, object]:
 def test_ray_exports_the_label_jobs_live_metrics(fast_metrics_node, tmp_path):
     catalog, model = write_label_inputs(tmp_path)
     run_date = datetime.now(timezone.utc).date().isoformat()
-    done = run_job("label_catalog", "--catalog", catalog, "--model", model, "--output", str(tmp_path / "labels"),
-                   "--run-date", run_date, "--batch-size", "4",
-                   env={**fast_metrics_node.env, "RAY_ADDRESS": fast_metrics_node.address})
+    done = fast_metrics_node.run_job("label_catalog", "--catalog", catalog, "--model", model,
+                                     "--output", str(tmp_path / "labels"), "--run-date", run_date, "--batch-size", "4")
     assert done.returncode == 0, done.stderr[-3000:]
     labels = pq.read_table(tmp_path / "labels" / f"run_date={run_date}", columns=["status"])
     assert dict(Counter(labels["status"].to_pylist())) == expected_status_counts()
