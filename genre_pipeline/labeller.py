@@ -1,13 +1,14 @@
 """`PosterLabeller`: the label job's actor. It scores a batch of catalogue rows and returns their label rows.
 
-On CPU it also fetches and decodes the posters, on as many threads as it scores with, while its other call scores the
-previous batch: separate stages would copy every poster through the object store and compete with the model
-for the same cores. On GPUs fetching and decoding stay in Ray Data's CPU tasks, which scale out to as many
+On CPU it also fetches and decodes the posters, on as many threads as it scores with, while its other call scores:
+separate stages would copy every poster through the object store and compete with the model for the same
+cores. On GPUs fetching and decoding stay in Ray Data's CPU tasks, which scale out to as many
 cores as the GPUs need.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,19 @@ from genre_pipeline.labels import to_label_table
 from genre_pipeline.posters import Batch, decode_posters, fetch_posters
 
 logger = logging.getLogger(__name__)
+
+
+def model_lock(predictor: GenrePredictor) -> contextlib.AbstractContextManager:
+    """What the actor's two concurrent calls hold while scoring.
+
+    A GPU, or a model on several CPU threads, takes one call at a time: the other prepares its batch meanwhile.
+    A single-threaded CPU model scores both calls at once, each on its own thread: a call queued behind the
+    lock would wait there while another actor, out of work at the run's end, leaves its core idle (resnet50 on
+    1500 posters, 2 actors: with the lock one actor ran 19 s longer than the other).
+    """
+    if predictor.device.type == "cpu" and predictor.threads == 1:
+        return contextlib.nullcontext()
+    return threading.Lock()
 
 
 class PosterLabeller:
@@ -38,12 +52,12 @@ class PosterLabeller:
         self.decode_pool = ThreadPoolExecutor(self.predictor.threads) if fetch_and_decode else None
         self.storage_options = storage_options
         self.forward_batch = forward_batch
-        self.model_lock = threading.Lock()
+        self.model_lock = model_lock(self.predictor)
 
     def __call__(self, batch: Batch) -> pa.Table:
         if self.decode_pool is not None:
             batch = fetch_posters(batch, options=self.storage_options)
             batch = decode_posters(batch, image_size=self.predictor.spec.image_size, pool=self.decode_pool)
-        with self.model_lock:  # Ray Data runs two calls at once: one prepares its batch, one scores
+        with self.model_lock:
             scored = self.predictor(batch, forward_batch=self.forward_batch)
         return to_label_table(scored, **self.label_kwargs)

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import pyarrow.fs
 import pyarrow.parquet as pq
 import ray
 
@@ -186,18 +187,41 @@ def count_catalog_rows(uri: str, options: storage.StorageOptions) -> int:
     return len(ids)
 
 
+def read_catalog(path: str, filesystem: pyarrow.fs.FileSystem) -> ray.data.Dataset:
+    """The catalogue through Ray Data's first Parquet reader.
+
+    Ray 2.60's default reader (DataSource V2) lists a read by opening every file's footer on a pool of 32
+    actors, a worker process each, even for a one-file catalogue: on a 2-CPU node that took 4 s of the job's
+    7 s fixed cost and delayed the label actors' start. The first reader reads footers in the calling process
+    (in tasks for many files) and reads the same rows; the flag is read only when the read is planned.
+    """
+    context = ray.data.DataContext.get_current()
+    default_reader = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(path, filesystem=filesystem, num_cpus=IO_TASK_CPUS)
+    finally:
+        context.use_datasource_v2 = default_reader
+
+
+def catalog_blocks(uri: str, options: storage.StorageOptions) -> ray.data.Dataset:
+    """The catalogue's label-job columns in blocks of exactly DECODE_BATCH_ROWS rows (the last one: the rest)."""
+    fs, path = storage.arrow_filesystem(uri, options)
+    return (
+        read_catalog(path, fs)
+        .select_columns(CATALOG_COLUMNS)  # projection is pushed down into the Parquet read
+        # Small blocks, streamed: a catalogue that is one Parquet file must still feed every actor of the pool.
+        # Exact sizes: a short block would be bundled with the next into one call of twice the work.
+        .repartition(target_num_rows_per_block=DECODE_BATCH_ROWS, strict=True)
+    )
+
+
 def build_label_dataset(
     config: LabelConfig, meta: ModelMeta, resources: ActorResources, *, run_id: str, labelled_at: datetime
 ) -> ray.data.Dataset:
     """read -> [fetch (I/O tasks) -> decode (CPU tasks), on GPUs] -> PosterLabeller pool; lazy, streaming."""
     options = config.storage_options
-    fs, path = storage.arrow_filesystem(config.catalog, options)
-    posters = (
-        ray.data.read_parquet(path, filesystem=fs, num_cpus=IO_TASK_CPUS)
-        .select_columns(CATALOG_COLUMNS)  # projection is pushed down into the Parquet read
-        # Small blocks, streamed: a catalogue that is one Parquet file must still feed every actor of the pool.
-        .repartition(target_num_rows_per_block=DECODE_BATCH_ROWS)
-    )
+    posters = catalog_blocks(config.catalog, options)
     if config.on_gpu:  # the GPU actors' own CPU could not decode fast enough: decoding scales out in tasks
         posters = (
             posters.map_batches(fetch_posters, fn_kwargs={"options": options}, batch_size=DECODE_BATCH_ROWS,
@@ -213,10 +237,12 @@ def build_label_dataset(
                                "num_threads": resources.threads, "forward_batch": resolve_batch_size(config),
                                "storage_options": options},
         # Two calls at once per actor: one prepares its batch (on CPUs: fetch and decode) or builds its label
-        # rows while the other holds the model.
+        # rows while the other scores (see labeller.model_lock). No more: Ray Data's default queues two more
+        # blocks behind a busy actor, where they wait while other actors run out of work at the run's end (and
+        # in a small run the first actor up took every block; Ray Data stopped the others before they started).
         compute=ray.data.ActorPoolStrategy(size=resources.actors, max_concurrent_calls_per_actor=2,
-                                           enable_true_multi_threading=True),
-        # On CPU a call takes a whole block (Ray Data's per-call overhead is paid per 128 posters, not per 8)
+                                           max_tasks_in_flight_per_actor=2, enable_true_multi_threading=True),
+        # On CPU a call takes a whole block (Ray Data's per-call overhead is paid per block, not per 8 posters)
         # and scores it in forward passes of --batch-size.
         batch_size=resolve_batch_size(config) if config.on_gpu else DECODE_BATCH_ROWS,
         num_gpus=config.num_gpus_per_actor,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -13,16 +15,21 @@ from conftest import load_job, save_random_model, write_sample_parts
 
 from genre_pipeline.catalog import CATALOG_SCHEMA
 from genre_pipeline.genres import GENRES, score_columns
+from genre_pipeline.inference import GenrePredictor
+from genre_pipeline.labeller import model_lock
 from genre_pipeline.labelling import (
+    DECODE_BATCH_ROWS,
     ActorResources,
     ActorResourcesError,
     LabelConfig,
+    catalog_blocks,
     label_catalog,
     resolve_actor_resources,
     size_cpu_actors,
 )
 from genre_pipeline.labels import labels_schema
 from genre_pipeline.sample import draw_poster, jpeg_bytes
+from genre_pipeline.storage import StorageOptions
 
 GOOD_IDS = range(1, 9)
 EXPECTED_STATUS = {**{i: "ok" for i in GOOD_IDS}, 20: "missing_poster", 21: "missing_poster",
@@ -189,3 +196,24 @@ def test_rows_per_file_flag_reaches_the_config_and_refuses_zero(capsys):
     with pytest.raises(SystemExit):
         job.parse_config([*required, "--rows-per-file", "0"])
     assert "--rows-per-file: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_catalogue_is_read_in_exact_blocks_without_a_footer_actor_pool(ray_local, tmp_path):
+    """Every block but the last has DECODE_BATCH_ROWS rows (a short one would be bundled with the next into a
+    call of twice the work), read by Ray Data's first Parquet reader: the default one starts 32 actors to read
+    the footers of even one file (seconds of start-up on a small node)."""
+    catalog = write_sample_parts(tmp_path, 700, 2, seed=3)
+    context = ray_local.data.DataContext.get_current()
+    default_reader = context.use_datasource_v2
+    blocks = catalog_blocks(catalog, StorageOptions())
+    sizes = [len(block["movie_id"]) for block in blocks.iter_batches(batch_size=None)]
+    assert DECODE_BATCH_ROWS == 128 and sizes == [128] * 5 + [60]
+    stats = blocks.stats()
+    assert "ReadParquet" in stats and "ListFiles" not in stats
+    assert context.use_datasource_v2 == default_reader  # the process's other reads keep Ray Data's default
+
+
+def test_single_threaded_cpu_actors_score_both_calls_at_once(checkpoint):
+    """A call waiting on the model lock would idle its core at the run's end; threads or a GPU need the lock."""
+    assert isinstance(model_lock(GenrePredictor(checkpoint, device="cpu", num_threads=1)), contextlib.nullcontext)
+    assert isinstance(model_lock(GenrePredictor(checkpoint, device="cpu", num_threads=2)), type(threading.Lock()))
