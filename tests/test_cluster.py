@@ -189,9 +189,9 @@ def test_losing_a_node_mid_run_still_labels_every_movie_once(cluster, inputs):
     are lost, and the job must still commit every movie exactly once."""
     output = f"{inputs['root']}/labels-node-lost"
     uris = pads.dataset(inputs["catalog"], format="parquet").to_table(columns=["poster_uri"])["poster_uri"]
-    # Every 64th poster is gated, so every 128-row block waits on one: no actor gets past its first block
+    # Every 32nd poster is gated, so every 64-row block waits on one: no actor gets past its first block
     # until the test lets it.
-    gates = PosterGates([Path(uri) for uri in uris.drop_null().to_pylist()[::64]])
+    gates = PosterGates([Path(uri) for uri in uris.drop_null().to_pylist()[::32]])
     raylets = pids_matching(f"node_manager_port={cluster.worker_node_manager_port}")
     assert raylets, "the worker node's raylet was not found"
     serving = threading.Thread(target=gates.serve_forever, daemon=True)
