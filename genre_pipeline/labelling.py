@@ -30,7 +30,7 @@ CATALOG_COLUMNS = ["movie_id", "title", "poster_uri"]
 # block of decoded 224px images (~150 KB each) stays around 10 MB in the object store, that even a small
 # catalogue splits into enough blocks to keep every actor busy, and that the run's last block, which one core
 # scores while the others have nothing left, is short: a resnet50 block takes 6 s on one CPU core (128 rows:
-# 12 s; 1500 posters on 2 cores, 0.80 of the model's ceiling against 0.75).
+# 12 s; 1500 posters on 2 cores: 0.80 of the model's ceiling in two runs, against 0.75 and 0.78 at 128).
 DECODE_BATCH_ROWS = 64
 # Writing Parquet (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter of a
 # CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
@@ -194,9 +194,10 @@ def read_catalog(path: str, filesystem: pyarrow.fs.FileSystem) -> ray.data.Datas
     """The catalogue through Ray Data's first Parquet reader.
 
     Ray 2.60's default reader (DataSource V2) lists a read by opening every file's footer on a pool of 32
-    actors, a worker process each, even for a one-file catalogue: on a 2-CPU node that took 4 s of the job's
-    7 s fixed cost and delayed the label actors' start. The first reader reads footers in the calling process
-    (in tasks for many files) and reads the same rows; the flag is read only when the read is planned.
+    actors, a worker process each, even for a one-file catalogue: on a 2-CPU node its listing task ran 4 s
+    of the 7 s the job took for 8 posters and delayed the label actors' start (without it: 4.7 to 5 s). The
+    first reader reads footers in the calling process (in tasks for many files) and reads the same rows; the
+    flag is read only when the read is planned.
     """
     context = ray.data.DataContext.get_current()
     default_reader = context.use_datasource_v2
