@@ -1,7 +1,8 @@
 """CUDA: prediction agrees with the CPU, training steps run, and benchmarks/gpu_check.py passes.
 
-The `gpu` tests skip where there is no CUDA device; the last test runs everywhere and checks that the GPU check
-says so and exits 3 on a machine without one.
+The `gpu` tests skip where there is no CUDA device. Two tests run everywhere: the GPU check's whole logic on the
+CPU (so a session on a lent GPU meets only CUDA's own problems), and that the script says so and exits 3 on a
+machine without CUDA.
 """
 
 from __future__ import annotations
@@ -85,6 +86,20 @@ def test_gpu_check_script_passes(gpu_check, capsys):
     assert code == gpu_check.EXIT_OK, out
     for line in ("GPU ", "ceiling:", "end to end:", "check predict:", "check train step:", "all 2 checks passed"):
         assert line in out, out
+
+
+def test_gpu_check_runs_every_measurement_and_check_on_a_cpu(gpu_check, capsys):
+    args = gpu_check.parse_args(["--arch", "cnn", "--posters", "12", "--batch-size", "4", "--image-size", str(SMALL),
+                                 "--train-batch-size", "4", "--train-steps", "1"])
+    checks = gpu_check.run(args, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert [(check.name, check.passed) for check in checks] == [("predict", True), ("train step", True)], out
+    for line in ("device cpu (no GPU)", "ceiling: GenrePredictor.predict on cpu", "CPU decode + resize from memory:",
+                 "end to end: read + CPU decode", "JPEG decode + antialiased resize on cpu", "training on cpu"):
+        assert line in out, out
+    # The CPU against itself, both in fp32: the comparisons themselves must find no difference.
+    assert "max |score diff| 0.0000" in out and "labels agree on 100.00%" in out, out
+    assert "(rel diff 0.0e+00 < 1e-03)" in out, out
 
 
 def test_gpu_check_without_cuda_says_so_and_exits_3():
