@@ -38,7 +38,6 @@ def init_ray() -> None:
     # Jobs log their own progress; Ray Data's per-operator progress bars would flood CI logs and job logs.
     ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("GENRE_PIPELINE_PROGRESS"))
     ray.init(log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("GENRE_PIPELINE_PROGRESS"))
 
 
 def add_storage_flags(parser: argparse.ArgumentParser) -> None:

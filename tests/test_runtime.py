@@ -1,0 +1,31 @@
+"""What every job shares at start-up: a local Ray when no cluster is given, Ray Data's progress bars off
+unless asked for."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A fresh process: init_ray starts a local Ray only where none runs (the tests' own Ray would hide it).
+PROBE = """
+import os, ray
+from genre_pipeline.runtime import init_ray
+for asked in ("", "1"):
+    os.environ["GENRE_PIPELINE_PROGRESS"] = asked
+    init_ray()
+    print("bars", asked or "-", ray.data.DataContext.get_current().enable_progress_bars, ray.is_initialized())
+    ray.shutdown()
+"""
+
+
+def test_a_local_ray_without_progress_bars_unless_asked():
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**env, "RAY_DISABLE_USAGE_STATS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("bars ")]
+    assert lines == ["bars - False True", "bars 1 True True"], result.stdout
