@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -180,8 +181,37 @@ def start_up_seconds(root: Path, model: str, args: argparse.Namespace, actors: i
 def measured(name: str, run: Callable[[], float]) -> tuple[float, int]:
     with PeakRss() as rss:
         rate = run()
-    print(f"{name:<34} {rate:8.1f} posters/s   peak RSS {rss.peak / 2**20:8.0f} MiB", flush=True)
+    print(f"{name:<40} {rate:8.1f} posters/s   peak RSS {rss.peak / 2**20:8.0f} MiB", flush=True)
     return rate, rss.peak
+
+
+def measure_all(config: LabelConfig, resources: ActorResources, catalog: str, model: str, root: Path,
+                args: argparse.Namespace) -> tuple[float, list[tuple[float, float]], int]:
+    """(b), then (a) and (c) --repeats times in turn (this VM's speed drifts between minutes: each (c) is
+    compared with the ceiling measured just before it); returns (b), the (a, c) pairs and (c)'s peak RSS."""
+    pairs, peak = [], 0
+    a, _ = measured("(a) ceiling: model alone", lambda: ceiling(config, resources))
+    b, _ = measured("(b) peer: DataLoader + PIL, fp32", lambda: peer(catalog, model, resolve_batch_size(config), root))
+    # Ray Data starts its own actors (stats, autoscaling, actor locations) on a Ray's first job and keeps them:
+    # one small job first, so (c) is a job on a running cluster, as every night after the first.
+    start_up_seconds(root / "warm-up", model, args, resources.actors)
+    for run in range(1, args.repeats + 1):
+        if run > 1:
+            a, _ = measured(f"(a) ceiling, run {run}", lambda: ceiling(config, resources))
+        c, rss = measured("(c) genre_pipeline label_catalog" + (f", run {run}" if run > 1 else ""),
+                          lambda: pipeline(config))
+        pairs.append((a, c))
+        peak = max(peak, rss)
+    return b, pairs, peak
+
+
+def ratios_line(label: str, b: float, pairs: list[tuple[float, float]]) -> str:
+    """(c) and its ratios to (a) and (b); with several runs, medians (and each run's (c)/(a))."""
+    ratios = [c / a for a, c in pairs]
+    median_c = statistics.median(c for _, c in pairs)
+    runs = f" (runs: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
+    return (f"{label}(c) = {median_c:.1f} posters/s: (c)/(a) = {statistics.median(ratios):.2f}{runs}   "
+            f"(c)/(b) = {median_c / b:.2f}")
 
 
 def main() -> None:
@@ -192,7 +222,11 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=None, help="the job's --actors (default: the job's)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="the job's --precision")
     parser.add_argument("--scale", action="store_true", help="also label 10x posters and compare peak RSS")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure (a) and (c) this many times in turn and print medians (default 1)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)
@@ -205,19 +239,12 @@ def main() -> None:
         print(f"{args.arch}, {args.posters} posters of 300x450, batch {resolve_batch_size(config)}, "
               f"precision {args.precision}, {resources.actors} actor(s) x {resources.threads} threads, "
               f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}", flush=True)
-        a, _ = measured("(a) ceiling: model alone", lambda: ceiling(config, resources))
-        b, _ = measured("(b) peer: DataLoader + PIL, fp32",
-                        lambda: peer(catalog, model, resolve_batch_size(config), root))
-        # Ray Data starts its own actors (stats, autoscaling, actor locations) on a Ray's first job and keeps them:
-        # one small job first, so (c) is a job on a running cluster, as every night after the first.
-        start_up_seconds(root / "warm-up", model, args, resources.actors)
-        c, rss_n = measured("(c) genre_pipeline label_catalog", lambda: pipeline(config))
-        print(f"(c)/(a) = {c / a:.2f}   (c)/(b) = {c / b:.2f}")
+        b, rates, rss_n = measure_all(config, resources, catalog, model, root, args)
+        print(ratios_line("", b, rates))
         fixed = start_up_seconds(root / "tiny", model, args, resources.actors)
-        scored = pq.read_table(catalog, columns=["poster_uri"])["poster_uri"].drop_null()  # rows (c) counts
-        steady = 1 / (1 / c - fixed / len(scored))
-        print(f"start-up (the job on 8 posters): {fixed:.1f} s; without it (c) = {steady:.1f} posters/s: "
-              f"(c)/(a) = {steady / a:.2f}   (c)/(b) = {steady / b:.2f}")
+        scored = len(pq.read_table(catalog, columns=["poster_uri"])["poster_uri"].drop_null())  # rows (c) counts
+        steady = [(a, 1 / (1 / c - fixed / scored)) for a, c in rates]
+        print(f"start-up (the job on 8 posters): {fixed:.1f} s; " + ratios_line("without it ", b, steady))
         if args.scale:
             big_catalog, _ = make_inputs(root / "10n", args.arch, 10 * args.posters)
             _, rss_10n = measured(f"(c) at 10x = {10 * args.posters} posters",
