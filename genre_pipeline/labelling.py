@@ -30,7 +30,7 @@ CATALOG_COLUMNS = ["movie_id", "title", "poster_uri"]
 # block of decoded 224px images (~150 KB each) stays around 10 MB in the object store, that even a small
 # catalogue splits into enough blocks to keep every actor busy, and that the run's last block, which one core
 # scores while the others have nothing left, is short: a resnet50 block takes 6 s on one CPU core (128 rows:
-# 12 s; 1500 posters on 2 cores: 0.80 of the model's ceiling in two runs, against 0.75 and 0.78 at 128).
+# 12 s). End to end the difference was within a 2-vCPU VM's run-to-run noise (resnet50, 1500 posters).
 DECODE_BATCH_ROWS = 64
 # Writing Parquet (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter of a
 # CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
