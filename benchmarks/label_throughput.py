@@ -225,6 +225,15 @@ def ratios_line(label: str, b: float, pairs: list[tuple[float, float]]) -> str:
             f"(c)/(b) = {median_c / b:.2f}")
 
 
+def without_start_up(b: float, pairs: list[tuple[float, float]], fixed: float, scored: int) -> str:
+    """The ratios with the job's fixed cost taken out of each run's time, or why they cannot be."""
+    remaining = [scored / c - fixed for _, c in pairs]  # seconds each run spent past its fixed cost
+    if min(remaining) <= 0:
+        return "a run took no longer than that: too few posters to measure the job without it"
+    steady = [(a, scored / seconds) for (a, _), seconds in zip(pairs, remaining, strict=True)]
+    return ratios_line("without it ", b, steady)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["cnn", "resnet50"], default="cnn", help="model to label with")
@@ -254,8 +263,7 @@ def main() -> None:
         print(ratios_line("", b, rates))
         fixed = start_up_seconds(root / "tiny", model, args, resources.actors)
         scored = len(pq.read_table(catalog, columns=["poster_uri"])["poster_uri"].drop_null())  # rows (c) counts
-        steady = [(a, 1 / (1 / c - fixed / scored)) for a, c in rates]
-        print(f"start-up (the job on 8 posters): {fixed:.1f} s; " + ratios_line("without it ", b, steady))
+        print(f"start-up (the job on 8 posters): {fixed:.1f} s; " + without_start_up(b, rates, fixed, scored))
         if args.scale:
             big_catalog, _ = make_inputs(root / "10n", args.arch, 10 * args.posters)
             _, rss_10n = measured(f"(c) at 10x = {10 * args.posters} posters",

@@ -1,0 +1,96 @@
+"""benchmarks/label_throughput.py runs end to end and its ratios are the ones its own measurements give.
+
+The benchmark is what the README's Performance figures come from; this checks the script, not the speeds
+(speed goals are measured by running it, not by timed tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "label_throughput.py"
+RATE = re.compile(r"^(\(.+?)\s+([\d.]+) posters/s\s+peak RSS\s+(\d+) MiB$")
+
+
+def measurements(stdout: str) -> dict[str, list[tuple[float, int]]]:
+    """(a), (b), (c) and the 10x run's posters/s and peak RSS, in the order printed."""
+    found: dict[str, list[tuple[float, int]]] = {"a": [], "b": [], "c": [], "10x": []}
+    for line in stdout.splitlines():
+        match = RATE.match(line.strip())
+        if match:
+            name = "10x" if "at 10x" in match[1] else match[1][1]
+            found[name].append((float(match[2]), int(match[3])))
+    return found
+
+
+def label_benchmark() -> ModuleType:
+    """Import benchmarks/label_throughput.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("benchmarks_label_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run() -> str:
+    result = subprocess.run([sys.executable, str(SCRIPT), "--arch", "cnn", "--posters", "24", "--repeats", "2",
+                             "--scale"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_every_measurement_is_printed_with_a_positive_rate_and_rss(run):
+    found = measurements(run)
+    assert [len(found[k]) for k in ("a", "b", "c", "10x")] == [2, 1, 2, 1], run
+    for rate, rss in sum(found.values(), []):
+        assert rate > 0 and rss > 100, run  # every run's process tree holds at least a Python with torch
+
+
+@pytest.mark.slow
+def test_ratios_are_the_medians_of_the_measured_runs(run):
+    found = measurements(run)
+    pairs = list(zip([a for a, _ in found["a"]], [c for c, _ in found["c"]], strict=True))
+    summary = next(line for line in run.splitlines() if line.startswith("(c) = "))
+    ratio_a, runs, ratio_b = re.search(r"\(c\)/\(a\) = ([\d.]+) \(runs: ([\d., ]+)\)\s+\(c\)/\(b\) = ([\d.]+)",
+                                       summary).groups()
+    assert [float(r) for r in runs.split(", ")] == [round(c / a, 2) for a, c in pairs]
+    assert float(ratio_a) == pytest.approx(statistics.median(c / a for a, c in pairs), abs=0.006)
+    median_c, b = statistics.median(c for _, c in pairs), found["b"][0][0]
+    # Rates print to 0.1 posters/s, ratios to 0.01: allow both roundings.
+    assert float(ratio_b) == pytest.approx(median_c / b, abs=0.005 + median_c / b * (0.05 / median_c + 0.05 / b))
+
+
+def test_without_start_up_takes_the_fixed_cost_out_of_each_runs_time():
+    # 3000 posters at 150 and 160 posters/s with a 4 s fixed cost: 20.0 - 4 and 18.75 - 4 seconds remain.
+    line = label_benchmark().without_start_up(50.0, [(200.0, 150.0), (210.0, 160.0)], fixed=4.0, scored=3000)
+    steady = [3000 / 16.0, 3000 / 14.75]
+    assert line == (f"without it (c) = {statistics.median(steady):.1f} posters/s: (c)/(a) = "
+                    f"{statistics.median([steady[0] / 200, steady[1] / 210]):.2f} (runs: "
+                    f"{steady[0] / 200:.2f}, {steady[1] / 210:.2f})   (c)/(b) = {statistics.median(steady) / 50:.2f}")
+
+
+def test_without_start_up_refuses_runs_no_longer_than_the_fixed_cost():
+    # 24 posters at 7.4 posters/s took 3.2 s, less than a 4 s fixed cost: no (negative) rate.
+    line = label_benchmark().without_start_up(50.0, [(200.0, 7.4)], fixed=4.0, scored=24)
+    assert "too few posters" in line and "posters/s" not in line
+
+
+@pytest.mark.slow
+def test_scale_mode_compares_the_peak_rss_of_n_and_10n(run):
+    found = measurements(run)
+    rss_n, rss_10n = max(rss for _, rss in found["c"]), found["10x"][0][1]
+    line = next(line for line in run.splitlines() if line.startswith("peak RSS at N"))
+    printed_n, printed_10n, ratio = re.fullmatch(r"peak RSS at N (\d+) MiB, at 10N (\d+) MiB: ratio ([\d.]+)",
+                                                 line).groups()
+    assert (int(printed_n), int(printed_10n)) == (rss_n, rss_10n)
+    assert float(ratio) == pytest.approx(rss_10n / rss_n, abs=0.011)  # MiB print rounded
