@@ -1,7 +1,7 @@
-"""benchmarks/label_throughput.py runs end to end and its ratios are the ones its own measurements give.
+"""The benchmarks run end to end and print the ratios their own measurements give.
 
-The benchmark is what the README's Performance figures come from; this checks the script, not the speeds
-(speed goals are measured by running it, not by timed tests).
+They are what the README's Performance figures come from; these tests check the scripts, not the speeds (speed
+goals are measured by running the benchmarks, not by timed tests). benchmarks/gpu_check.py: tests/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "label_throughput.py"
+TRAIN_SCRIPT = REPO / "benchmarks" / "train_throughput.py"
 RATE = re.compile(r"^(\(.+?)\s+([\d.]+) posters/s\s+peak RSS\s+(\d+) MiB$")
 
 
@@ -94,3 +95,21 @@ def test_scale_mode_compares_the_peak_rss_of_n_and_10n(run):
                                                  line).groups()
     assert (int(printed_n), int(printed_10n)) == (rss_n, rss_10n)
     assert float(ratio) == pytest.approx(rss_10n / rss_n, abs=0.011)  # MiB print rounded
+
+
+@pytest.mark.slow
+def test_train_benchmark_prints_both_loops_and_their_ratio():
+    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--arch", "cnn", "--movies", "40", "--epochs", "2",
+                             "--batch-size", "8", "--image-size", "64"], capture_output=True, text=True, timeout=600,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    plain = re.search(r"^\(a\) plain loop.*last epoch\s+([\d.]+) samples/s\s+\(every epoch: ([\d. ]+);",
+                      result.stdout, re.M)
+    ray_train = re.search(r"^\(b\) Ray Train, 2 workers\s+last epoch\s+([\d.]+) samples/s", result.stdout, re.M)
+    ratio = re.search(r"^\(b\)/\(a\) = ([\d.]+)$", result.stdout, re.M)
+    assert plain and ray_train and ratio, result.stdout
+    epochs = [float(rate) for rate in plain[2].split()]
+    assert len(epochs) == 2 and epochs[-1] == float(plain[1]) and min(epochs) > 0
+    a, b = float(plain[1]), float(ray_train[1])
+    assert b > 0
+    assert float(ratio[1]) == pytest.approx(b / a, abs=0.005 + b / a * (0.05 / a + 0.05 / b))
