@@ -6,15 +6,14 @@ goals are measured by running the benchmarks, not by timed tests). benchmarks/gp
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from benchmark_scripts import load_benchmark, printed_ratio_tolerance
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "label_throughput.py"
@@ -31,14 +30,6 @@ def measurements(stdout: str) -> dict[str, list[tuple[float, int]]]:
             name = "10x" if "at 10x" in match[1] else match[1][1]
             found[name].append((float(match[2]), int(match[3])))
     return found
-
-
-def label_benchmark() -> ModuleType:
-    """Import benchmarks/label_throughput.py as a module (benchmarks/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmarks_label_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +58,13 @@ def test_ratios_are_the_medians_of_the_measured_runs(run):
     assert [float(r) for r in runs.split(", ")] == [round(c / a, 2) for a, c in pairs]
     assert float(ratio_a) == pytest.approx(statistics.median(c / a for a, c in pairs), abs=0.006)
     median_c, b = statistics.median(c for _, c in pairs), found["b"][0][0]
-    # Rates print to 0.1 posters/s, ratios to 0.01: allow both roundings.
-    assert float(ratio_b) == pytest.approx(median_c / b, abs=0.005 + median_c / b * (0.05 / median_c + 0.05 / b))
+    assert float(ratio_b) == pytest.approx(median_c / b, abs=printed_ratio_tolerance(median_c, b))
 
 
 def test_without_start_up_takes_the_fixed_cost_out_of_each_runs_time():
     # 3000 posters at 150 and 160 posters/s with a 4 s fixed cost: 20.0 - 4 and 18.75 - 4 seconds remain.
-    line = label_benchmark().without_start_up(50.0, [(200.0, 150.0), (210.0, 160.0)], fixed=4.0, scored=3000)
+    without_start_up = load_benchmark("label_throughput").without_start_up
+    line = without_start_up(50.0, [(200.0, 150.0), (210.0, 160.0)], fixed=4.0, scored=3000)
     steady = [3000 / 16.0, 3000 / 14.75]
     assert line == (f"without it (c) = {statistics.median(steady):.1f} posters/s: (c)/(a) = "
                     f"{statistics.median([steady[0] / 200, steady[1] / 210]):.2f} (runs: "
@@ -82,7 +73,7 @@ def test_without_start_up_takes_the_fixed_cost_out_of_each_runs_time():
 
 def test_without_start_up_refuses_runs_no_longer_than_the_fixed_cost():
     # 24 posters at 7.4 posters/s took 3.2 s, less than a 4 s fixed cost: no (negative) rate.
-    line = label_benchmark().without_start_up(50.0, [(200.0, 7.4)], fixed=4.0, scored=24)
+    line = load_benchmark("label_throughput").without_start_up(50.0, [(200.0, 7.4)], fixed=4.0, scored=24)
     assert "too few posters" in line and "posters/s" not in line
 
 
@@ -112,4 +103,4 @@ def test_train_benchmark_prints_both_loops_and_their_ratio():
     assert len(epochs) == 2 and epochs[-1] == float(plain[1]) and min(epochs) > 0
     a, b = float(plain[1]), float(ray_train[1])
     assert b > 0
-    assert float(ratio[1]) == pytest.approx(b / a, abs=0.005 + b / a * (0.05 / a + 0.05 / b))
+    assert float(ratio[1]) == pytest.approx(b / a, abs=printed_ratio_tolerance(b, a))

@@ -7,7 +7,6 @@ machine without CUDA.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -25,18 +25,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 SMALL = 64  # model input side: enough for the models' pooling, small enough to keep the CPU reference quick
 
 
-def load_gpu_check() -> ModuleType:
-    """Import benchmarks/gpu_check.py as a module (benchmarks/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmarks_gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def gpu_check() -> ModuleType:
-    return load_gpu_check()
+    return load_benchmark("gpu_check")
 
 
 @pytest.fixture(scope="module")
