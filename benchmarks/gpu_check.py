@@ -42,7 +42,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,7 +56,7 @@ from genre_pipeline.checkpoints import ModelMeta, save_checkpoint  # noqa: E402
 from genre_pipeline.genres import GENRES, encode_many  # noqa: E402
 from genre_pipeline.images import PreprocessSpec, decode_poster  # noqa: E402
 from genre_pipeline.inference import GenrePredictor  # noqa: E402
-from genre_pipeline.models import ARCHS, DEFAULT_IMAGE_SIZE, build_model  # noqa: E402
+from genre_pipeline.models import ARCHS, build_model, default_preprocess  # noqa: E402
 from genre_pipeline.sample import build_sample_catalog  # noqa: E402
 from genre_pipeline.tensors import to_model_input  # noqa: E402
 
@@ -132,7 +132,8 @@ def make_posters(root: Path, arch: str, count: int, image_size: int | None = Non
     """`count` generated posters of 300x450 and a random-weight checkpoint of `arch` (seeded: reruns compare)."""
     table = build_sample_catalog(str(root / "sample"), count, seed=seed)
     rows = [r for r in table.select(["poster_uri", "genres"]).to_pylist() if r["poster_uri"]]
-    spec = PreprocessSpec(image_size or DEFAULT_IMAGE_SIZE[arch])
+    spec = default_preprocess(arch)
+    spec = replace(spec, image_size=image_size) if image_size else spec
     meta = ModelMeta(arch=arch, genres=list(GENRES), preprocess=spec, thresholds=[THRESHOLD] * len(GENRES))
     torch.manual_seed(seed)
     save_checkpoint(root / "model", build_model(arch=arch, num_genres=len(GENRES)), meta)

@@ -50,7 +50,7 @@ from genre_pipeline.labelling import (  # noqa: E402
     resolve_actor_resources,
     resolve_batch_size,
 )
-from genre_pipeline.models import DEFAULT_IMAGE_SIZE, build_model  # noqa: E402
+from genre_pipeline.models import build_model, default_preprocess  # noqa: E402
 from genre_pipeline.sample import build_sample_catalog  # noqa: E402
 
 
@@ -104,7 +104,7 @@ def make_inputs(root: Path, arch: str, posters: int, *, model: bool = True) -> t
     if not model:
         return str(root / "catalog.parquet"), ""
     torch.manual_seed(0)  # the same weights in every run
-    meta = ModelMeta(arch=arch, genres=list(GENRES), preprocess=PreprocessSpec(DEFAULT_IMAGE_SIZE[arch]),
+    meta = ModelMeta(arch=arch, genres=list(GENRES), preprocess=default_preprocess(arch),
                      thresholds=[0.3] * len(GENRES))
     save_checkpoint(root / "model", build_model(arch=arch, num_genres=len(GENRES)), meta)
     return str(root / "catalog.parquet"), str(root / "model")

@@ -30,7 +30,7 @@ from torch import nn  # noqa: E402
 from genre_pipeline.catalog import write_catalog  # noqa: E402
 from genre_pipeline.genres import GENRES  # noqa: E402
 from genre_pipeline.images import PreprocessSpec  # noqa: E402
-from genre_pipeline.models import DEFAULT_IMAGE_SIZE, build_model  # noqa: E402
+from genre_pipeline.models import build_model, default_preprocess  # noqa: E402
 from genre_pipeline.posters import fetch_posters  # noqa: E402
 from genre_pipeline.sample import build_sample_catalog  # noqa: E402
 from genre_pipeline.trainer import TrainJobConfig, build_trainer, loop_config  # noqa: E402
@@ -102,7 +102,7 @@ def main() -> None:
                         help="Ray CPUs per worker; the rest is left to Ray Data's decode+augment tasks")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     args = parser.parse_args()
-    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.arch]
+    args.image_size = args.image_size or default_preprocess(args.arch).image_size
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)

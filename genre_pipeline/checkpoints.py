@@ -35,10 +35,13 @@ class ModelMeta:
     genres: list[str]
     preprocess: PreprocessSpec
     thresholds: list[float]  # per genre, tuned on validation; applied by the label job
-    epoch: int = 0  # epochs completed when this checkpoint was taken
+    threshold_objective: str = "macro"  # the F1 the thresholds maximise (checkpoints before the choice: macro)
+    epoch: int = 0  # full-network epochs completed when this checkpoint was taken (0: the head phase's)
     metrics: dict[str, float] = field(default_factory=dict)  # validation metrics at that epoch
     data_fingerprint: str = ""  # which training rows made it: hash of the sorted train/val movie_ids
     model_version: str = ""  # stable id written into every label row
+    weights_source: dict[str, str] = field(default_factory=dict)  # the initial weights: package/file + sha256, random
+    recipe: dict = field(default_factory=dict)  # the training hyperparameters that made it
     versions: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:

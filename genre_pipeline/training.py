@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import ray.train
@@ -23,15 +24,18 @@ from torch import nn
 
 from genre_pipeline import storage
 from genre_pipeline.checkpoints import ModelMeta, runtime_versions, save_checkpoint
-from genre_pipeline.evaluation import summary_metrics, tune_thresholds
+from genre_pipeline.evaluation import metrics_line, summary_metrics, tune_thresholds
+from genre_pipeline.head_training import Features, extract_features, merge_features, train_head
 from genre_pipeline.images import PreprocessSpec
-from genre_pipeline.models import build_model
+from genre_pipeline.models import GenreNet, build_model
 from genre_pipeline.tensors import to_model_input
 
 logger = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.pt"
-TRAIN_DATASET, VAL_DATASET = "train", "val"  # the Ray Train dataset names
+# The Ray Train dataset names: augmented training rows, the same rows plain (the head phase's features), validation.
+TRAIN_DATASET, TRAIN_FEATURES_DATASET, VAL_DATASET = "train", "train_features", "val"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,13 +49,19 @@ class LoopConfig:
     batch_size: int  # per worker
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    backbone_lr_scale: float = 0.1  # pretrained features move slower than the new head
-    freeze_backbone_epochs: int = 0  # head-only epochs first, so a random head does not wreck pretrained features
+    backbone_lr_scale: float = 0.1  # pretrained features move slower than the head
+    # Phase 1: head-only epochs on cached features of the frozen backbone, so a random head does not wreck
+    # pretrained features when the whole network trains in phase 2 (`epochs`).
+    head_epochs: int = 0
+    head_lr: float = 1e-3
+    freeze_batch_norm: bool = False  # a pretrained backbone keeps its ImageNet batch statistics
     pos_weight: list[float] | None = None  # per genre, against the imbalance of rare genres
     patience: int = 0  # stop after this many epochs without a better monitored metric; 0 = never
     monitor: str = "val_map_at_3"
+    threshold_objective: str = "micro"
     pretrained: bool = False
     weights: str | None = None
+    weights_source: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     data_fingerprint: str = ""
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)
@@ -61,20 +71,21 @@ class LoopConfig:
 class TrainState:
     """What resuming needs besides the weights."""
 
-    epoch: int = 0  # epochs completed
+    epoch: int = 0  # full-network epochs completed
+    head_done: bool = False  # the cached-feature head phase has run (or was not asked for)
     resumed_from: int = 0  # epochs already done when this run started: shows a re-run continued, not restarted
     best_score: float = -math.inf
     epochs_since_best: int = 0
 
 
 def lr_lambdas(config: LoopConfig) -> list:
-    """Cosine decay per epoch; the backbone sits at LR 0 while frozen (DDP-safe, unlike requires_grad)."""
+    """Cosine decay per epoch, the backbone at `backbone_lr_scale` of the head's LR."""
 
     def cosine(epoch: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * epoch / max(1, config.epochs)))
 
     def backbone(epoch: int) -> float:
-        return 0.0 if epoch < config.freeze_backbone_epochs else config.backbone_lr_scale * cosine(epoch)
+        return config.backbone_lr_scale * cosine(epoch)
 
     return [backbone, cosine]
 
@@ -96,13 +107,23 @@ class EpochResult:
     seconds: float  # wall time of the epoch's training pass (data loading included)
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-                    loss_fn: nn.Module, spec: PreprocessSpec) -> EpochResult:
+def set_train_mode(model: nn.Module, freeze_batch_norm: bool) -> None:
+    """Training mode; with `freeze_batch_norm`, the backbone's batch norms keep their running statistics (a few
+    posters per worker step would replace ImageNet's with noisy estimates)."""
     model.train()
+    if freeze_batch_norm:
+        for module in unwrapped(model).backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+                    loss_fn: nn.Module, config: LoopConfig) -> EpochResult:
+    set_train_mode(model, config.freeze_batch_norm)
     started = time.perf_counter()
     total, count = 0.0, 0
     for batch in batches:
-        logits = model(to_model_input(batch["image"], spec))
+        logits = model(to_model_input(batch["image"], config.preprocess))
         loss = loss_fn(logits, batch["target"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,30 +154,33 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec:
     return np.concatenate(targets), np.concatenate(scores)
 
 
-def metrics_line(metrics: dict[str, float]) -> str:
-    """`name=value ...` in name order, 4 significant digits (row counts print whole)."""
-    return " ".join(f"{name}={value:.4g}" for name, value in sorted(metrics.items()))
-
-
 def unwrapped(model: nn.Module) -> nn.Module:
     """The module inside DDP. Evaluating through DDP would run its per-forward buffer broadcast, a collective:
     validation shards differ in size by a batch, so a rank with one more batch would wait on it forever."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def gather_objects(item: T) -> list[T]:
+    """Every worker's `item`, in rank order (one item when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [item]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, item)
+    return parts
+
+
 def gather_rows(array: np.ndarray) -> np.ndarray:
     """Concatenate every worker's rows (validation is sharded; every rank needs all of it to tune thresholds)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return array
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, array)
-    return np.concatenate(parts)
+    return np.concatenate(gather_objects(array))
 
 
-def validation_metrics(y_true: np.ndarray, scores: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
-    thresholds = tune_thresholds(y_true, scores)
+def validation_metrics(y_true: np.ndarray, scores: np.ndarray, objective: str
+                       ) -> tuple[dict[str, float], np.ndarray]:
+    thresholds = tune_thresholds(y_true, scores, objective=objective)
     metrics = summary_metrics(y_true, scores, (scores >= thresholds).astype(np.float32))
-    return {f"val_{name}": float(value) for name, value in metrics.items()}, thresholds
+    metrics = {f"val_{name}": float(value) for name, value in metrics.items()}
+    metrics["val_rows"] = float(len(y_true))  # what the figures were measured on
+    return metrics, thresholds
 
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler
@@ -196,40 +220,99 @@ def report_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
                          checkpoint=checkpoint)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    config: LoopConfig = loop_config["config"]
-    torch.manual_seed(config.seed + ray.train.get_context().get_world_rank())
-    cpus = loop_config.get("cpus_per_worker") or 1
-    torch.set_num_threads(max(1, int(cpus)))
-    # Resuming replaces every weight: no need to fetch pretrained ones again.
-    fresh = ray.train.get_checkpoint() is None
-    model = build_model(arch=config.arch, num_genres=len(config.genres), pretrained=config.pretrained and fresh,
-                        weights=config.weights if fresh else None, storage_options=config.storage_options)
-    optimizer, scheduler = make_optimizer(model, config)
-    state = restore(model, optimizer, scheduler)
-    model = ray.train.torch.prepare_model(model)
+DTYPES = {"image": torch.uint8, "target": torch.float32}
+
+
+def epoch_meta(config: LoopConfig, state: TrainState, metrics: dict[str, float], thresholds: np.ndarray) -> ModelMeta:
+    return ModelMeta(arch=config.arch, genres=list(config.genres), preprocess=config.preprocess,
+                     thresholds=thresholds.tolist(), threshold_objective=config.threshold_objective,
+                     epoch=state.epoch, metrics=metrics, data_fingerprint=config.data_fingerprint,
+                     weights_source=dict(config.weights_source), recipe=recipe_of(config), versions=runtime_versions())
+
+
+def recipe_of(config: LoopConfig) -> dict[str, float | int | bool]:
+    """The hyperparameters that made a checkpoint, recorded in its meta."""
+    return {"head_epochs": config.head_epochs, "head_lr": config.head_lr, "epochs": config.epochs, "lr": config.lr,
+            "backbone_lr_scale": config.backbone_lr_scale, "weight_decay": config.weight_decay,
+            "batch_size": config.batch_size, "freeze_batch_norm": config.freeze_batch_norm,
+            "class_weighting": config.pos_weight is not None, "seed": config.seed}
+
+
+def run_head_phase(model: GenreNet, optimizer: torch.optim.Optimizer, scheduler: Scheduler, state: TrainState,
+                   config: LoopConfig) -> None:
+    """Phase 1: features of the frozen backbone once, then `head_epochs` of the head alone; report the best head."""
+    started = time.perf_counter()
+    model.to(ray.train.torch.get_device())
+
+    def features(dataset: str, mirrored: bool) -> Features:
+        batches = ray.train.get_dataset_shard(dataset).iter_torch_batches(batch_size=config.batch_size,
+                                                                           dtypes=DTYPES)
+        return merge_features(gather_objects(extract_features(model.backbone, batches, config.preprocess,
+                                                              mirrored=mirrored)))
+
+    train, val = features(TRAIN_FEATURES_DATASET, True), features(VAL_DATASET, False)
+    feature_seconds = time.perf_counter() - started
+    model.head.cpu()  # one linear layer on cached features: the CPU is as fast as any accelerator here
+
+    def monitor(y_true: np.ndarray, scores: np.ndarray) -> float:
+        return validation_metrics(y_true, scores, config.threshold_objective)[0][config.monitor]
+
+    pos_weight = torch.tensor(config.pos_weight) if config.pos_weight else None
+    with torch.random.fork_rng():  # the same head on every rank: same data, same seed, same dropout masks
+        torch.manual_seed(config.seed)
+        result = train_head(model.head, train, val, epochs=config.head_epochs, lr=config.head_lr,
+                            weight_decay=config.weight_decay, loss_fn=nn.BCEWithLogitsLoss(pos_weight=pos_weight),
+                            monitor=monitor, seed=config.seed)
+    model.to(ray.train.torch.get_device())
+    metrics, thresholds = validation_metrics(result.targets, result.scores, config.threshold_objective)
+    state.head_done = True
+    update_early_stopping(state, metrics[config.monitor])
+    timing = {"head_best_epoch": float(result.best_epoch), "head_feature_seconds": feature_seconds,
+              "head_seconds": time.perf_counter() - started, "train_rows": float(len(train.values))}
+    report_epoch(model, optimizer, scheduler, state, {**timing, **metrics},
+                 epoch_meta(config, state, metrics, thresholds))
+
+
+def run_fine_tuning(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler, state: TrainState,
+                    config: LoopConfig) -> None:
+    """Phase 2 (or the only phase, from scratch): the whole network, epoch by epoch, with early stopping."""
     device = ray.train.torch.get_device()
     pos_weight = torch.tensor(config.pos_weight, device=device) if config.pos_weight else None
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     train_shard, val_shard = ray.train.get_dataset_shard(TRAIN_DATASET), ray.train.get_dataset_shard(VAL_DATASET)
-    dtypes = {"image": torch.uint8, "target": torch.float32}
     while state.epoch < config.epochs and not stopped_early(state, config):
-        batches = train_shard.iter_torch_batches(batch_size=config.batch_size, dtypes=dtypes, drop_last=False)
-        epoch = train_one_epoch(model, batches, optimizer, loss_fn, config.preprocess)
+        batches = train_shard.iter_torch_batches(batch_size=config.batch_size, dtypes=DTYPES, drop_last=False)
+        epoch = train_one_epoch(model, batches, optimizer, loss_fn, config)
         scheduler.step()
         throughput = {"train_loss": epoch.loss, "train_seconds": epoch.seconds,
                       "train_samples_per_second": global_rows(epoch.rows) / epoch.seconds if epoch.seconds else 0.0}
-        val_batches = val_shard.iter_torch_batches(batch_size=config.batch_size, dtypes=dtypes)
+        val_batches = val_shard.iter_torch_batches(batch_size=config.batch_size, dtypes=DTYPES)
         shard = evaluate(unwrapped(model), val_batches, config.preprocess, len(config.genres))
         y_true, scores = (gather_rows(part) for part in shard)
-        metrics, thresholds = validation_metrics(y_true, scores)
-        metrics["val_rows"] = float(len(y_true))  # what the figures were measured on
+        metrics, thresholds = validation_metrics(y_true, scores, config.threshold_objective)
         state.epoch += 1
         update_early_stopping(state, metrics[config.monitor])
-        meta = ModelMeta(arch=config.arch, genres=list(config.genres), preprocess=config.preprocess,
-                         thresholds=thresholds.tolist(), epoch=state.epoch, metrics=metrics,
-                         data_fingerprint=config.data_fingerprint, versions=runtime_versions())
-        report_epoch(model, optimizer, scheduler, state, {**throughput, **metrics}, meta)
+        report_epoch(model, optimizer, scheduler, state, {**throughput, **metrics},
+                     epoch_meta(config, state, metrics, thresholds))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config: LoopConfig = loop_config["config"]
+    cpus = loop_config.get("cpus_per_worker") or 1
+    torch.set_num_threads(max(1, int(cpus)))
+    torch.manual_seed(config.seed)  # the same initial head on every rank: the head phase trains it on each
+    # Resuming replaces every weight: no need to load pretrained ones again.
+    fresh = ray.train.get_checkpoint() is None
+    model = build_model(arch=config.arch, num_genres=len(config.genres), pretrained=config.pretrained and fresh,
+                        weights=config.weights if fresh else None, storage_options=config.storage_options)
+    # Parameters in the layout of the channels_last input, so their gradients match DDP's buckets.
+    model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(config.seed + ray.train.get_context().get_world_rank())  # each rank its own augmentations
+    optimizer, scheduler = make_optimizer(model, config)
+    state = restore(model, optimizer, scheduler)
+    if config.head_epochs > 0 and not state.head_done:
+        run_head_phase(model, optimizer, scheduler, state, config)
+    run_fine_tuning(ray.train.torch.prepare_model(model), optimizer, scheduler, state, config)
 
 
 def update_early_stopping(state: TrainState, score: float) -> None:

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genre_pipeline import evaluation, storage  # noqa: E402
 from genre_pipeline.catalog import CatalogError, is_validation, read_catalog, validate_schema  # noqa: E402
+from genre_pipeline.checkpoints import CheckpointError, read_meta  # noqa: E402
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, UnknownGenreError, column_name, encode_many  # noqa: E402
 from genre_pipeline.labels import PARTITION_KEY, STATUS_OK  # noqa: E402
 from genre_pipeline.runtime import add_storage_flags, setup_logging, storage_options_from  # noqa: E402
@@ -60,6 +61,7 @@ class Config:
     run_date: str | None = None  # None: the latest partition present
     out: str | None = None  # None: evaluation/run_date=<date>/split=<split>
     val_fraction: float | None = None  # set: train rows held out by training become split "validation"
+    model: str | None = None  # the checkpoint that wrote the labels: its card goes into the report
     storage_options: storage.StorageOptions = storage.StorageOptions()
 
 
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the training job's --val-fraction: its held-out train rows become split "
                         f"'{VALIDATION_SPLIT}' (evaluate with --split {VALIDATION_SPLIT}); the prior then comes "
                         "from the remaining train rows")
+    p.add_argument("--model", default=None,
+                   help="the checkpoint that wrote these labels (local or s3://): the report then shows its "
+                        "backbone, initial weights, preprocessing, thresholds and recipe")
     add_storage_flags(p)
     return p
 
@@ -109,7 +114,8 @@ def mark_validation_rows(catalog: pa.Table, val_fraction: float) -> pa.Table:
 def parse_config(argv: list[str] | None) -> Config:
     args = build_parser().parse_args(argv)
     return Config(labels=args.labels, catalog=args.catalog, split=args.split, run_date=args.run_date,
-                  out=args.out, val_fraction=args.val_fraction, storage_options=storage_options_from(args))
+                  out=args.out, val_fraction=args.val_fraction, model=args.model,
+                  storage_options=storage_options_from(args))
 
 
 def partition_dates(labels: str, options: storage.StorageOptions) -> list[str]:
@@ -251,6 +257,39 @@ def prior_report(train_y: np.ndarray, rows: EvalRows, genres: list[str]) -> dict
             "frequencies": dict(zip(genres, prior.tolist(), strict=True)), "metrics": metrics}
 
 
+def model_card(config: Config, model_versions: list[str]) -> dict:
+    """What made the labels, from the checkpoint's meta; refused when the labels came from another model."""
+    try:
+        meta = read_meta(config.model, config.storage_options)
+    except CheckpointError as error:
+        raise EvaluationInputError(str(error)) from None
+    if meta.model_version not in model_versions:
+        raise EvaluationInputError(f"--model {config.model} is {meta.model_version}, but the labels were written by "
+                                   f"{', '.join(model_versions)}")
+    return {"uri": config.model, "model_version": meta.model_version, "arch": meta.arch,
+            "weights_source": meta.weights_source or {"kind": "not recorded"},
+            "preprocess": meta.preprocess.to_dict(), "threshold_objective": meta.threshold_objective,
+            "thresholds": dict(zip(meta.genres, meta.thresholds, strict=True)), "epoch": meta.epoch,
+            "recipe": meta.recipe, "validation_metrics": meta.metrics}
+
+
+def render_model_card(card: dict) -> list[str]:
+    source = ", ".join(f"{key} {value}" for key, value in card["weights_source"].items())
+    spec = card["preprocess"]
+    thresholds = sorted(set(card["thresholds"].values()))
+    recipe = ", ".join(f"{key}={value}" for key, value in card["recipe"].items()) or "not recorded"
+    return [
+        "## Model", "",
+        f"- `{card['model_version']}` from `{card['uri']}`: arch `{card['arch']}`, epoch {card['epoch']}",
+        f"- initial weights: {source}",
+        f"- preprocessing: {spec['image_size']} px, mean {tuple(spec['mean'])}, std {tuple(spec['std'])}",
+        f"- thresholds: tuned for {card['threshold_objective']}-F1 on validation "
+        f"({'one threshold, ' + str(thresholds[0]) if len(thresholds) == 1 else 'per genre'})",
+        f"- recipe: {recipe}",
+        f"- validation at that epoch: {evaluation.metrics_line(card['validation_metrics'])}", "",
+    ]
+
+
 def status_text(by_status: dict[str, int]) -> str:
     return ", ".join(f"{count} {status}" for status, count in by_status.items()) or "0"
 
@@ -268,6 +307,7 @@ def render_markdown(report: dict, model: evaluation.MetricsReport, prior: dict |
         f"{excluded['no_label_row']} without a label row, {status_text(excluded['status'])} by label status, "
         f"{excluded['no_true_genres']} without true genres.",
         "",
+        *(render_model_card(report["model"]["card"]) if report["model"].get("card") else []),
         "## Summary",
         "",
         evaluation.render_summary_table(table_rows),
@@ -322,12 +362,14 @@ def evaluate(config: Config) -> tuple[str, dict[str, bytes]]:
     train_y = train_truth(catalog, genres)
     model = evaluation.evaluate_scores(rows.y_true, rows.scores, rows.predicted, genres)
     prior = prior_report(train_y, rows, genres)
+    model_versions = sorted(map(str, pc.unique(labels.column("model_version")).to_pylist()))
+    card = model_card(config, model_versions) if config.model else None
     report = {
         "labels_partition": partition, "run_date": run_date, "catalog": config.catalog, "split": config.split,
-        "model_versions": sorted(map(str, pc.unique(labels.column("model_version")).to_pylist())),
+        "model_versions": model_versions,
         "genres": genres,
         "rows": {"in_split": split_rows.num_rows, "evaluated": len(rows.y_true), "excluded": rows.excluded},
-        "model": model.to_dict(),
+        "model": {**model.to_dict(), **({"card": card} if card else {})},
         "frequency_prior": {**prior, "metrics": prior["metrics"].to_dict()} if prior else None,
     }
     out = config.out or storage.join("evaluation", f"{PARTITION_KEY}={run_date}", f"split={config.split}")

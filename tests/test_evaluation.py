@@ -134,9 +134,46 @@ def test_tune_thresholds_finds_best_and_keeps_default_for_rare_genres():
     truth2 = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
     genre2 = [0.0] * 10
     y_true, scores = np.array([truth0, truth1, truth2]).T, np.array([genre0, genre1, genre2]).T
-    thresholds = ev.tune_thresholds(y_true, scores)
+    thresholds = ev.tune_thresholds(y_true, scores, objective="macro")
     assert thresholds.tolist() == pytest.approx([0.45, DEFAULT_THRESHOLD, DEFAULT_THRESHOLD])
-    assert ev.tune_thresholds(y_true, scores, min_positives=2, default=0.5)[1:].tolist() == [0.05, 0.5]
+    assert ev.tune_thresholds(y_true, scores, objective="macro", min_positives=2, default=0.5)[1:].tolist() == [
+        0.05, 0.5]
+
+
+# Two genres whose scores live on different scales: genre 0's positives score 0.6-0.9 (negatives 0.1-0.5),
+# genre 1's positives 0.2-0.3 (negatives 0.0-0.1). Row 5 is a genre-1 positive that scores only 0.15.
+OBJECTIVE_TRUTH = np.array([[1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [0, 1], [0, 0], [0, 0]])
+OBJECTIVE_SCORES = np.array([[0.9, 0.0], [0.8, 0.05], [0.6, 0.1], [0.5, 0.3], [0.1, 0.2], [0.3, 0.15],
+                             [0.4, 0.0], [0.2, 0.1]])
+
+
+def test_macro_objective_tunes_each_genre_for_its_own_f1():
+    thresholds = ev.tune_thresholds(OBJECTIVE_TRUTH, OBJECTIVE_SCORES, objective="macro", min_positives=3)
+    assert thresholds.tolist() == pytest.approx([0.55, 0.15])  # the lowest grid points that separate each genre
+    assert ev.f1_macro(OBJECTIVE_TRUTH, thresholds <= OBJECTIVE_SCORES) == 1.0
+
+
+def test_micro_objective_tunes_one_threshold_for_every_label():
+    thresholds = ev.tune_thresholds(OBJECTIVE_TRUTH, OBJECTIVE_SCORES, objective="micro")
+    assert len(set(thresholds.tolist())) == 1
+    predicted = thresholds <= OBJECTIVE_SCORES
+    best_by_brute_force = max(ev.f1_micro(OBJECTIVE_TRUTH, t <= OBJECTIVE_SCORES) for t in ev.GLOBAL_THRESHOLD_GRID)
+    assert ev.f1_micro(OBJECTIVE_TRUTH, predicted) == best_by_brute_force
+    # 0.11 keeps every positive (tp 6) and admits four genre-0 negatives (fp 4): 12 / 16.
+    assert thresholds[0] == pytest.approx(0.11)
+    assert ev.f1_micro(OBJECTIVE_TRUTH, predicted) == pytest.approx(0.75)
+
+
+def test_samples_objective_maximises_per_row_f1():
+    thresholds = ev.tune_thresholds(OBJECTIVE_TRUTH, OBJECTIVE_SCORES, objective="samples")
+    best = max(ev.f1_samples(OBJECTIVE_TRUTH, t <= OBJECTIVE_SCORES) for t in ev.GLOBAL_THRESHOLD_GRID)
+    assert ev.f1_samples(OBJECTIVE_TRUTH, thresholds <= OBJECTIVE_SCORES) == best
+    assert len(set(thresholds.tolist())) == 1
+
+
+def test_unknown_objective_is_refused():
+    with pytest.raises(ValueError, match="threshold objective 'weighted'"):
+        ev.tune_thresholds(OBJECTIVE_TRUTH, OBJECTIVE_SCORES, objective="weighted")
 
 
 def test_threshold_grid_is_clean():

