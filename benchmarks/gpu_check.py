@@ -42,7 +42,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,7 +54,7 @@ from torch import nn  # noqa: E402
 
 from genre_pipeline.checkpoints import ModelMeta, save_checkpoint  # noqa: E402
 from genre_pipeline.genres import GENRES, encode_many  # noqa: E402
-from genre_pipeline.images import PreprocessSpec, decode_poster  # noqa: E402
+from genre_pipeline.images import PreprocessSpec, Size, as_shape, decode_poster  # noqa: E402
 from genre_pipeline.inference import GenrePredictor  # noqa: E402
 from genre_pipeline.models import ARCHS, build_model, default_preprocess  # noqa: E402
 from genre_pipeline.sample import build_sample_catalog  # noqa: E402
@@ -132,8 +132,7 @@ def make_posters(root: Path, arch: str, count: int, image_size: int | None = Non
     """`count` generated posters of 300x450 and a random-weight checkpoint of `arch` (seeded: reruns compare)."""
     table = build_sample_catalog(str(root / "sample"), count, seed=seed)
     rows = [r for r in table.select(["poster_uri", "genres"]).to_pylist() if r["poster_uri"]]
-    spec = default_preprocess(arch)
-    spec = replace(spec, image_size=image_size) if image_size else spec
+    spec = default_preprocess(arch, image_size)
     meta = ModelMeta(arch=arch, genres=list(GENRES), preprocess=spec, thresholds=[THRESHOLD] * len(GENRES))
     torch.manual_seed(seed)
     save_checkpoint(root / "model", build_model(arch=arch, num_genres=len(GENRES)), meta)
@@ -141,13 +140,13 @@ def make_posters(root: Path, arch: str, count: int, image_size: int | None = Non
                    model_uri=str(root / "model"), spec=spec)
 
 
-def decode_many(data: Sequence[bytes], image_size: int, workers: int) -> np.ndarray:
+def decode_many(data: Sequence[bytes], image_size: Size, workers: int) -> np.ndarray:
     """uint8 N×S×S×3; PIL releases the GIL while decoding and resizing, so threads use several cores."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return np.stack(list(pool.map(lambda d: decode_poster(d, image_size), data)))
 
 
-def cpu_decode_rate(data: Sequence[bytes], image_size: int, workers: int) -> float:
+def cpu_decode_rate(data: Sequence[bytes], image_size: Size, workers: int) -> float:
     """Posters/s of decode + resize from bytes in memory (no file reads: the decoder's cost alone)."""
     started = time.perf_counter()
     decode_many(data, image_size, workers)
@@ -173,7 +172,7 @@ def ceiling(predictor: GenrePredictor, images: np.ndarray, batch_size: int) -> f
     return len(images) / (time.perf_counter() - started)
 
 
-def load_poster(path: Path, image_size: int) -> np.ndarray:
+def load_poster(path: Path, image_size: Size) -> np.ndarray:
     return decode_poster(path.read_bytes(), image_size)
 
 
@@ -184,7 +183,7 @@ def end_to_end(predictor: GenrePredictor, paths: Sequence[Path], batch_size: int
     While batch k is on the GPU, batches k+1..k+prefetch are being read and decoded: the GPU waits only when
     decoding is slower than the model. Each poster is its own task so all threads work on the next batch.
     """
-    size = predictor.spec.image_size
+    size = predictor.spec.shape
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     predictor.predict(decode_many([p.read_bytes() for p in chunks[0][:8]], size, workers))  # warm-up
     sync(predictor.device)
@@ -206,7 +205,7 @@ def end_to_end(predictor: GenrePredictor, paths: Sequence[Path], batch_size: int
     return len(paths) / (time.perf_counter() - started)
 
 
-def device_decode(data: Sequence[torch.Tensor], image_size: int, device: torch.device) -> torch.Tensor:
+def device_decode(data: Sequence[torch.Tensor], image_size: Size, device: torch.device) -> torch.Tensor:
     """torchvision.io JPEG decode on `device` (nvjpeg on CUDA) + antialiased resize -> uint8 N×S×S×3 there."""
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders in favour of torchcodec; the warning says nothing about speed.
@@ -219,14 +218,14 @@ def device_decode(data: Sequence[torch.Tensor], image_size: int, device: torch.d
     # Posters of one shape resize as one batch; real catalogues have a few shapes, so this stays a few kernels.
     for same in by_shape.values():
         batch = torch.stack(same).float()
-        out = nn.functional.interpolate(batch, size=(image_size, image_size), mode="bilinear",
+        out = nn.functional.interpolate(batch, size=as_shape(image_size), mode="bilinear",
                                         antialias=True, align_corners=False)
         resized.extend(out.round_().clamp_(0, 255).to(torch.uint8))
     # Order follows shapes, not input; fine for a throughput and mean-difference measure of uniform posters.
     return torch.stack(resized).permute(0, 2, 3, 1)
 
 
-def device_decode_rate(data: Sequence[bytes], image_size: int, batch_size: int,
+def device_decode_rate(data: Sequence[bytes], image_size: Size, batch_size: int,
                        device: torch.device) -> tuple[float, float]:
     """(posters/s, mean |difference| in grey levels against the CPU decoder) of `device_decode`."""
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
@@ -359,7 +358,7 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Check]:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         posters = make_posters(Path(tmp), args.arch, args.posters, args.image_size)
-        size = posters.spec.image_size
+        size = posters.spec.shape
         data = posters.read_all()
         images = decode_many(data, size, workers)
         say(f"{args.arch} at {size}x{size}, {len(images)} posters of 300x450 (generated in "

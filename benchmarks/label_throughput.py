@@ -121,7 +121,7 @@ def ceiling(config: LabelConfig, resources: ActorResources) -> float:
     batch size and precision), times the job's actors (two single-threaded processes scoring at once on this
     2-core machine each kept their speed: cnn 132 and 133 posters/s against 132 alone)."""
     predictor = GenrePredictor(config.model, num_threads=resources.threads, precision=config.precision)
-    size, batch_size = predictor.spec.image_size, resolve_batch_size(config)
+    size, batch_size = predictor.spec.shape, resolve_batch_size(config)
     uris = [u for u in pq.read_table(config.catalog, columns=["poster_uri"])["poster_uri"].to_pylist() if u]
     images = np.stack([decode_poster(Path(u).read_bytes(), size) for u in uris])
     predictor.predict(images[:batch_size])  # warm-up: first-call allocations
@@ -142,7 +142,7 @@ class PosterFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         with Image.open(self.uris[index]) as image:
-            rgb = image.convert("RGB").resize((self.spec.image_size, self.spec.image_size))
+            rgb = image.convert("RGB").resize(self.spec.shape[::-1])
         array = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (array - torch.tensor(self.spec.mean).view(3, 1, 1)) / torch.tensor(self.spec.std).view(3, 1, 1)
 

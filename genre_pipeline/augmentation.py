@@ -6,12 +6,18 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from genre_pipeline.images import Size, as_shape
 
-def training_augmentation(image_size: int) -> v2.Compose:
-    """The study's augmentations, on uint8 CHW tensors: random resized crop, flip, colour jitter."""
+
+def training_augmentation(image_size: Size) -> v2.Compose:
+    """The study's augmentations, on uint8 CHW tensors: random resized crop, flip, colour jitter. Crops keep
+    within a third of the input's own aspect ratio, so a poster-shaped input sees poster-shaped crops."""
+    height, width = as_shape(image_size)
+    aspect = width / height
     return v2.Compose(
         [
-            v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+            v2.RandomResizedCrop((height, width), scale=(0.6, 1.0), ratio=(aspect * 3 / 4, aspect * 4 / 3),
+                                 antialias=True),
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
         ]

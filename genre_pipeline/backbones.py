@@ -101,6 +101,26 @@ def map_reference_state_dict(reference: dict[str, torch.Tensor], model: nn.Modul
     return mapped
 
 
+# (convolution, the batch norm right after it) per block kind, and at the network's top level.
+_CONV_NORM_PAIRS = {"expanding": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+                    "separable": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+                    "top": (("conv_stem", "bn1"), ("conv_head", "bn2"))}
+
+
+def fold_lite_batch_norms(network: nn.Module) -> None:
+    """In place, for inference: each eval-mode batch norm folded into the convolution before it, leaving its
+    activation. torch.fx cannot trace timm's "same"-padding convolutions, so the generic folding does not apply."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    owners = [(network, "top")] + [(block, "expanding" if hasattr(block, "conv_pwl") else "separable")
+                                   for stage in network.blocks for block in stage]
+    for owner, kind in owners:
+        for conv_name, norm_name in _CONV_NORM_PAIRS[kind]:
+            norm = getattr(owner, norm_name)
+            setattr(owner, conv_name, fuse_conv_bn_eval(getattr(owner, conv_name), norm))
+            setattr(owner, norm_name, nn.Sequential(norm.drop, norm.act))
+
+
 def package_weights_file(arch: str) -> Path:
     """The state_dict file that the arch's package installed; a clear error when it is not installed."""
     variant = LITE_VARIANTS[arch]
@@ -130,7 +150,10 @@ def read_state_dict(uri: str, options: storage.StorageOptions) -> tuple[dict[str
 def load_lite_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ImageNet weights (reference or timm key layout) into a timm Lite network, classifier dropped."""
     if any(key.startswith("_conv_stem") for key in state):
-        state = map_reference_state_dict(state, model)
+        try:
+            state = map_reference_state_dict(state, model)
+        except (WeightsUnavailableError, KeyError) as error:  # Lite2's blocks given to Lite0, or another network
+            raise WeightsUnavailableError(f"{source}: not a state_dict of this EfficientNet-Lite ({error})") from None
     state = {key: value for key, value in state.items() if not key.startswith("classifier.")}
     expected = {key for key in model.state_dict() if not key.startswith("classifier.")}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)

@@ -27,22 +27,42 @@ class PosterDecodeError(ValueError):
     """Bytes that are not a readable image."""
 
 
+Size = int | tuple[int, int]  # a square side, or (height, width)
+
+
+def as_shape(size: Size) -> tuple[int, int]:
+    """(height, width) of a size given as a square side or as (height, width)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
-    image_size: int  # square side fed to the model: posters are squashed, not cropped, to keep all of them
+    image_size: int  # width fed to the model (and height, unless image_height): squashed, not cropped, to keep it all
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    image_height: int | None = None  # a poster-shaped input (taller than wide); None: square
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the model's input."""
+        return (self.image_height or self.image_size, self.image_size)
+
+    def describe(self) -> str:
+        height, width = self.shape
+        return f"{width}x{height} px (width x height), mean {self.mean}, std {self.std}"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> PreprocessSpec:
-        return cls(image_size=int(data["image_size"]), mean=tuple(data["mean"]), std=tuple(data["std"]))
+        height = data.get("image_height")  # absent in checkpoints from before poster-shaped inputs
+        return cls(image_size=int(data["image_size"]), mean=tuple(data["mean"]), std=tuple(data["std"]),
+                   image_height=None if height is None else int(height))
 
 
-def decode_poster(data: bytes, image_size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Bytes -> RGB uint8 array (image_size, image_size, 3), written into `out` when given (a row of a batch);
+def decode_poster(data: bytes, size: Size, out: np.ndarray | None = None) -> np.ndarray:
+    """Bytes -> RGB uint8 array (height, width, 3) of `size`, written into `out` when given (a row of a batch);
     raises PosterDecodeError.
 
     JPEG draft mode lets libjpeg downscale in the DCT domain (by 1/2, 1/4, 1/8) before the resize, which makes
@@ -50,27 +70,28 @@ def decode_poster(data: bytes, image_size: int, out: np.ndarray | None = None) -
     """
     if not data:
         raise PosterDecodeError("empty file (0 bytes)")
+    height, width = as_shape(size)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.draft("RGB", (image_size, image_size))
+            image.draft("RGB", (width, height))
             rgb = np.asarray(to_rgb(image), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise PosterDecodeError(f"cannot decode image: {error}") from None
-    return resize_rgb(rgb, image_size, out)
+    return resize_rgb(rgb, size, out)
 
 
-def resize_rgb(rgb: np.ndarray, image_size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """H×W×3 uint8 -> image_size² (squashed, not cropped), bilinear with antialiasing like PIL's, written into
-    `out` (image_size×image_size×3 uint8, C-contiguous) when given.
+def resize_rgb(rgb: np.ndarray, size: Size, out: np.ndarray | None = None) -> np.ndarray:
+    """H×W×3 uint8 -> `size` (squashed, not cropped), bilinear with antialiasing like PIL's, written into
+    `out` (height×width×3 uint8, C-contiguous) when given.
 
-    torch's uint8 AVX kernel does it in a quarter of PIL's time (0.24 vs 0.95 ms for a 300x450 poster on an
-    AVX-512 core), within one grey level of PIL. It writes straight into an H×W×3 buffer through the `.out`
-    overload: `interpolate` returns planar NCHW, and turning that back into H×W×3 cost as much as the resize.
-    Imported here, not at the top: fetch workers import this module and never resize.
+    torch's uint8 AVX kernel does it in a quarter of PIL's time, within one grey level of PIL. It writes straight
+    into an H×W×3 buffer through the `.out` overload: `interpolate` returns planar NCHW, and turning that back
+    into H×W×3 would cost as much as the resize. Imported here, not at the top: fetch workers never resize.
     """
+    height, width = as_shape(size)
     if out is None:
-        out = np.empty((image_size, image_size, 3), dtype=np.uint8)
-    if rgb.shape[:2] == (image_size, image_size):
+        out = np.empty((height, width, 3), dtype=np.uint8)
+    if rgb.shape[:2] == (height, width):
         out[...] = rgb
         return out
     import torch
@@ -80,8 +101,7 @@ def resize_rgb(rgb: np.ndarray, image_size: int, out: np.ndarray | None = None) 
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         source = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
         target = torch.from_numpy(out).permute(2, 0, 1).unsqueeze(0)  # a channels-last view of `out`
-        torch.ops.aten._upsample_bilinear2d_aa.out(source, [image_size, image_size], False, None, None,
-                                                    out=target)
+        torch.ops.aten._upsample_bilinear2d_aa.out(source, [height, width], False, None, None, out=target)
     return out
 
 

@@ -57,7 +57,7 @@ class PosterLabeller:
     def __call__(self, batch: Batch) -> pa.Table:
         if self.decode_pool is not None:
             batch = fetch_posters(batch, options=self.storage_options)
-            batch = decode_posters(batch, image_size=self.predictor.spec.image_size, pool=self.decode_pool)
+            batch = decode_posters(batch, image_size=self.predictor.spec.shape, pool=self.decode_pool)
         with self.model_lock:
             scored = self.predictor(batch, forward_batch=self.forward_batch)
         return to_label_table(scored, **self.label_kwargs)

@@ -230,7 +230,7 @@ def build_label_dataset(
         posters = (
             posters.map_batches(fetch_posters, fn_kwargs={"options": options}, batch_size=DECODE_BATCH_ROWS,
                                 num_cpus=IO_TASK_CPUS)
-            .map_batches(decode_posters, fn_kwargs={"image_size": meta.preprocess.image_size},
+            .map_batches(decode_posters, fn_kwargs={"image_size": meta.preprocess.shape},
                          batch_size=DECODE_BATCH_ROWS)
         )
     return posters.map_batches(

@@ -116,13 +116,22 @@ _BUILDERS: dict[str, Callable[[int, bool], GenreNet]] = {
 }
 
 
-def default_preprocess(arch: str) -> PreprocessSpec:
-    """The arch's input size, mean and std: a pretrained backbone's own, the study's sizes for the others."""
+# Posters are 2:3 (MovieLens': 300 x 443-460). A pretrained backbone pools globally, so it takes the whole poster
+# at its own width instead of a squashed square.
+POSTER_HEIGHT_PER_WIDTH = 1.5
+
+
+def default_preprocess(arch: str, width: int | None = None) -> PreprocessSpec:
+    """The arch's input size, mean and std: for a pretrained backbone its own ImageNet width, mean and std, at the
+    posters' shape; the study's square sizes for the others. `width` overrides the arch's."""
     if arch in LITE_VARIANTS:
-        return PreprocessSpec(**lite_input_config(arch))
+        config = lite_input_config(arch)
+        width = width or config["image_size"]
+        height = 8 * round(width * POSTER_HEIGHT_PER_WIDTH / 8)
+        return PreprocessSpec(image_size=width, image_height=height, mean=config["mean"], std=config["std"])
     if arch not in _STUDY_IMAGE_SIZE:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
-    return PreprocessSpec(image_size=_STUDY_IMAGE_SIZE[arch])
+    return PreprocessSpec(image_size=width or _STUDY_IMAGE_SIZE[arch])
 
 
 def build_model(

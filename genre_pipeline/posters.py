@@ -12,7 +12,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import numpy as np
 
 from genre_pipeline import storage, telemetry
-from genre_pipeline.images import PosterDecodeError, decode_poster
+from genre_pipeline.images import PosterDecodeError, Size, as_shape, decode_poster
 from genre_pipeline.labels import STATUS_FETCH_FAILED, STATUS_MISSING, STATUS_OK, STATUS_UNREADABLE
 
 logger = logging.getLogger(__name__)
@@ -50,14 +50,15 @@ def fetch_posters(batch: Batch, *, options: storage.StorageOptions = storage.Sto
     return batch
 
 
-def decode_posters(batch: Batch, *, image_size: int, pool: Executor | None = None) -> Batch:
-    """Replace `poster_bytes` by `image` (uint8, N×S×S×3); rows that do not decode get zeros and a status.
+def decode_posters(batch: Batch, *, image_size: Size, pool: Executor | None = None) -> Batch:
+    """Replace `poster_bytes` by `image` (uint8, N×H×W×3 of `image_size`); rows that do not decode get zeros and
+    a status.
 
     With a `pool`, posters decode on its threads: PIL's decoder and torch's resize release the GIL, so a batch
     uses every core the caller holds instead of one.
     """
     count = len(batch["status"])
-    images = np.zeros((count, image_size, image_size, 3), dtype=np.uint8)
+    images = np.zeros((count, *as_shape(image_size), 3), dtype=np.uint8)
     status, error = batch["status"].copy(), batch["error"].copy()
     rows = [row for row in range(count) if status[row] == STATUS_OK]
     data = batch.pop("poster_bytes")

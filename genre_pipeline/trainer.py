@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray.train
@@ -42,26 +42,26 @@ PRETRAINED_HEAD_EPOCHS = 100
 @dataclass(frozen=True)
 class TrainJobConfig:
     """The training job's settings. The defaults are the recommended recipe for real posters: a pretrained
-    EfficientNet-Lite0, its head trained on cached features, then two epochs of the whole network."""
+    EfficientNet-Lite0, its head trained on cached features, then three epochs of the whole network."""
 
     catalog: str
     storage_path: str
     name: str
     arch: str = "efficientnet_lite0"
-    epochs: int = 2  # full-network epochs (after the head phase)
+    epochs: int = 3  # full-network epochs (after the head phase)
     batch_size: int = 32
-    lr: float = 1e-4  # the head's LR in full-network epochs; the backbone's is lr x backbone_lr_scale
+    lr: float = 2e-4  # the head's LR in full-network epochs; the backbone's is lr x backbone_lr_scale
     weight_decay: float = 1e-2
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     val_fraction: float = 0.15
-    image_size: int | None = None  # None: the arch's own (a pretrained backbone's ImageNet size)
+    image_size: int | None = None  # input width; None: the arch's own (a pretrained backbone's ImageNet size)
     pretrained: bool | None = None  # None: the arch's default (pretrained for the EfficientNet-Lites)
     weights: str | None = None
     head_epochs: int | None = None  # None: PRETRAINED_HEAD_EPOCHS for a pretrained backbone, else 0
     head_lr: float = 3e-5
-    backbone_lr_scale: float = 0.1
+    backbone_lr_scale: float = 0.25
     patience: int = 0
     threshold_objective: str = "micro"
     class_weighting: bool = False
@@ -99,9 +99,7 @@ class TrainSummary:
 
 
 def loop_config(config: TrainJobConfig, train_rows, val_rows) -> LoopConfig:
-    preprocess = default_preprocess(config.arch)
-    if config.image_size:
-        preprocess = replace(preprocess, image_size=config.image_size)
+    preprocess = default_preprocess(config.arch, config.image_size)
     pretrained = config.starts_pretrained and not config.weights
     return LoopConfig(
         arch=config.arch, genres=list(GENRES), preprocess=preprocess,
@@ -125,7 +123,7 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
         raise ValueError(f"{config.catalog}: --val-fraction {config.val_fraction} leaves no validation rows")
     loop = loop_config(config, train_rows, val_rows)
     logger.info("training on %d posters, validating on %d", train_rows.num_rows, val_rows.num_rows)
-    size = loop.preprocess.image_size
+    size = loop.preprocess.shape
 
     def dataset(rows, augment: bool) -> ray.data.Dataset:
         return to_dataset(rows, genres=loop.genres, image_size=size, augment=augment, options=config.storage_options)

@@ -14,6 +14,7 @@ from genre_pipeline import storage
 from genre_pipeline.augmentation import augment_batch, training_augmentation
 from genre_pipeline.catalog import is_validation, read_catalog
 from genre_pipeline.genres import encode_many
+from genre_pipeline.images import Size
 from genre_pipeline.labels import STATUS_OK
 from genre_pipeline.posters import decode_posters, fetch_posters
 
@@ -60,7 +61,7 @@ def positive_weights(train: pa.Table, genres: Sequence[str]) -> list[float]:
     return np.clip(weights, 1.0, MAX_POS_WEIGHT).round(4).tolist()
 
 
-def prepare_training_batch(batch: dict[str, np.ndarray], *, genres: Sequence[str], image_size: int,
+def prepare_training_batch(batch: dict[str, np.ndarray], *, genres: Sequence[str], image_size: Size,
                            augment: bool) -> dict[str, np.ndarray]:
     """Decoded (and, for training, augmented) images with multi-hot targets; unreadable posters are dropped."""
     batch = decode_posters(batch, image_size=image_size)
@@ -72,7 +73,7 @@ def prepare_training_batch(batch: dict[str, np.ndarray], *, genres: Sequence[str
     return {"image": images, "target": targets}
 
 
-def to_dataset(rows: pa.Table, *, genres: Sequence[str], image_size: int, augment: bool,
+def to_dataset(rows: pa.Table, *, genres: Sequence[str], image_size: Size, augment: bool,
                options: storage.StorageOptions) -> ray.data.Dataset:
     """Lazy pipeline, re-run every epoch: fresh augmentations, and memory bounded by streaming."""
     # Genres travel as one "A|B" string: Ray Data cannot turn ragged numpy string arrays back into Arrow.

@@ -36,6 +36,7 @@ from genre_pipeline import evaluation, storage  # noqa: E402
 from genre_pipeline.catalog import CatalogError, is_validation, read_catalog, validate_schema  # noqa: E402
 from genre_pipeline.checkpoints import CheckpointError, read_meta  # noqa: E402
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, UnknownGenreError, column_name, encode_many  # noqa: E402
+from genre_pipeline.images import PreprocessSpec  # noqa: E402
 from genre_pipeline.labels import PARTITION_KEY, STATUS_OK  # noqa: E402
 from genre_pipeline.runtime import add_storage_flags, setup_logging, storage_options_from  # noqa: E402
 
@@ -274,15 +275,16 @@ def model_card(config: Config, model_versions: list[str]) -> dict:
 
 
 def render_model_card(card: dict) -> list[str]:
-    source = ", ".join(f"{key} {value}" for key, value in card["weights_source"].items())
-    spec = card["preprocess"]
+    details = {key: value for key, value in card["weights_source"].items() if key != "kind"}
+    source = card["weights_source"]["kind"] + "".join(f", {key} {value}" for key, value in sorted(details.items()))
+    spec = PreprocessSpec.from_dict(card["preprocess"])
     thresholds = sorted(set(card["thresholds"].values()))
     recipe = ", ".join(f"{key}={value}" for key, value in card["recipe"].items()) or "not recorded"
     return [
         "## Model", "",
         f"- `{card['model_version']}` from `{card['uri']}`: arch `{card['arch']}`, epoch {card['epoch']}",
         f"- initial weights: {source}",
-        f"- preprocessing: {spec['image_size']} px, mean {tuple(spec['mean'])}, std {tuple(spec['std'])}",
+        f"- preprocessing: {spec.describe()}",
         f"- thresholds: tuned for {card['threshold_objective']}-F1 on validation "
         f"({'one threshold, ' + str(thresholds[0]) if len(thresholds) == 1 else 'per genre'})",
         f"- recipe: {recipe}",

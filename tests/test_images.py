@@ -131,3 +131,25 @@ def test_resize_into_a_batch_row_writes_that_row_only():
     assert np.shares_memory(returned, batch[1])
     assert np.array_equal(batch[1], resize_rgb(rgb, 64))
     assert not batch[0].any() and not batch[2].any()
+
+
+def test_poster_shaped_sizes_resize_decode_and_augment_to_height_by_width():
+    rgb = np.random.default_rng(3).integers(0, 256, (450, 300, 3), dtype=np.uint8)
+    ours = resize_rgb(rgb, (96, 64)).astype(int)
+    pil = np.asarray(Image.fromarray(rgb).resize((64, 96), Image.Resampling.BILINEAR, reducing_gap=None))
+    assert ours.shape == (96, 64, 3) and np.abs(ours - pil.astype(int)).max() <= 1
+    poster = decode_poster(encoded(red_left_blue_right(), "PNG"), (48, 32))
+    assert poster.shape == (48, 32, 3)
+    assert poster[:, :8, 0].min() > 200 and poster[:, -8:, 2].min() > 200  # red stays left, blue right
+    batch = decode_posters({"poster_uri": np.array(["a.png"], dtype=object),
+                            "poster_bytes": np.array([encoded(red_left_blue_right(), "PNG")], dtype=object),
+                            "status": np.array(["ok"], dtype=object), "error": np.array([None], dtype=object)},
+                           image_size=(48, 32))
+    np.testing.assert_array_equal(batch["image"][0], poster)
+    torch.manual_seed(0)
+    augmented = augment_batch(np.stack([poster] * 3), training_augmentation((48, 32)))
+    assert augmented.shape == (3, 48, 32, 3)
+    spec = PreprocessSpec(image_size=32, image_height=48)
+    assert spec.shape == (48, 32) and to_model_input(torch.from_numpy(augmented), spec).shape == (3, 3, 48, 32)
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    assert PreprocessSpec.from_dict({"image_size": 32, "mean": [0, 0, 0], "std": [1, 1, 1]}).shape == (32, 32)

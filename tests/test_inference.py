@@ -37,6 +37,21 @@ def test_folded_batch_norms_score_like_the_trained_model(model_uri, images):
     np.testing.assert_allclose(predictor.predict(images), unfused_scores(model_uri, images), atol=1e-5)
 
 
+def test_pretrained_backbones_batch_norms_fold_too(tmp_path, images):
+    from genre_pipeline.checkpoints import ModelMeta, save_checkpoint
+    from genre_pipeline.genres import GENRES
+    from genre_pipeline.models import build_model, default_preprocess
+
+    torch.manual_seed(0)
+    meta = ModelMeta(arch="efficientnet_lite0", genres=list(GENRES), thresholds=[0.3] * len(GENRES),
+                     preprocess=default_preprocess("efficientnet_lite0"))
+    model = build_model(arch="efficientnet_lite0", num_genres=len(GENRES), pretrained=True)
+    save_checkpoint(tmp_path / "lite0", model, meta)
+    predictor = GenrePredictor(str(tmp_path / "lite0"), device="cpu", num_threads=1)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
+    np.testing.assert_allclose(predictor.predict(images), unfused_scores(str(tmp_path / "lite0"), images), atol=1e-5)
+
+
 def test_bf16_on_cpu_is_close_but_not_exact(model_uri, images):
     fp32 = GenrePredictor(model_uri, device="cpu", num_threads=1, precision="fp32").predict(images)
     bf16 = GenrePredictor(model_uri, device="cpu", num_threads=1, precision="bf16").predict(images)

@@ -183,13 +183,17 @@ def _kubernetes_validate():
 
 
 @functools.cache
-def _job_parser(script: str):
+def _job_module(script: str):
     path = REPO / script
     assert path.is_file(), f"the entrypoint names {script}, which does not exist"
     spec = importlib.util.spec_from_file_location(f"k8s_entrypoint_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.build_parser()
+    return module
+
+
+def _job_parser(script: str):
+    return _job_module(script).build_parser()
 
 
 def parse_entrypoint(entrypoint: str, script: str, capsys):
@@ -389,11 +393,14 @@ def test_training_entrypoint_is_accepted_by_the_training_job(build, capsys):
     assert args.storage_path == f"s3://{bucket}/runs"
     assert args.name == values["RUN_NAME"]
     assert args.pushgateway == "pushgateway.monitoring:9091"
-    assert (args.epochs, args.batch_size) == (20, 64)
+    entrypoint = shlex.split(one(docs, "RayJob", "genre-train")["spec"]["entrypoint"])
+    config, _ = _job_module("jobs/train_genre_model.py").parse_config(entrypoint[2:])
+    # A pretrained backbone, its head first: from random weights the labels would not beat the genre prior.
+    assert config.starts_pretrained and config.resolved_head_epochs > 0 and config.weights is None
     if build == "overlays/cpu":
-        assert (args.arch, args.num_workers, args.use_gpu) == ("cnn", 2, False)
+        assert (args.arch, args.epochs, args.num_workers, args.use_gpu) == ("efficientnet_lite0", 3, 2, False)
     else:
-        assert (args.arch, args.num_workers, args.use_gpu) == ("resnet50", 4, True)
+        assert (args.arch, args.epochs, args.num_workers, args.use_gpu) == ("efficientnet_lite2", 5, 4, True)
     gpus = int(values["WORKERS"]) * int(values["WORKER_GPUS"])
     assert gpus == (args.num_workers if args.use_gpu else 0), "one GPU per DDP worker"
 

@@ -99,8 +99,8 @@ def test_pretrained_recipe_trains_the_head_on_frozen_features_then_the_whole_net
     assert torch.equal(full["backbone.bn1.running_mean"], package["backbone.bn1.running_mean"])
     meta = read_meta(str(by_epoch[0]))
     assert meta.weights_source["kind"] == "package" and meta.weights_source["file"].endswith(".pth")
-    assert (meta.threshold_objective, meta.preprocess.image_size, meta.preprocess.mean) == ("micro", 64,
-                                                                                             (0.5, 0.5, 0.5))
+    assert (meta.threshold_objective, meta.preprocess.shape, meta.preprocess.mean) == ("micro", (96, 64),
+                                                                                        (0.5, 0.5, 0.5))
     assert len(set(meta.thresholds)) == 1  # micro: one threshold for every genre
     assert meta.recipe["head_epochs"] == 30 and meta.recipe["epochs"] == 1 and meta.recipe["freeze_batch_norm"]
     assert 1 <= meta.metrics["head_best_epoch"] <= 30
