@@ -14,11 +14,13 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile
 
 # Truncated files must fail loudly (status unreadable_poster), not decode as half-grey pictures.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# 40 megapixels: 30 times a 4k poster scan's area, and about 120 MB decoded as RGB, which bounds decode time too.
+MAX_POSTER_PIXELS = 40_000_000
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -73,11 +75,23 @@ def decode_poster(data: bytes, size: Size, out: np.ndarray | None = None) -> np.
     height, width = as_shape(size)
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_pixels(image)
             image.draft("RGB", (width, height))
             rgb = np.asarray(to_rgb(image), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise PosterDecodeError(f"cannot decode image: {error}") from None
+    except PosterDecodeError:
+        raise
+    except Exception as error:  # any decoder's failure (NotImplementedError, MemoryError, ...) is this poster's
+        raise PosterDecodeError(f"cannot decode image: {type(error).__name__}: {error}") from None
     return resize_rgb(rgb, size, out)
+
+
+def check_pixels(image: Image.Image) -> None:
+    """Refuse, from the header alone, an image whose decoded size would dwarf any poster (a decompression bomb:
+    a few KB of PNG can declare gigabytes of pixels)."""
+    pixels = image.width * image.height
+    if pixels > MAX_POSTER_PIXELS:
+        raise PosterDecodeError(f"{image.width}x{image.height} pixels is more than a poster's "
+                                f"{MAX_POSTER_PIXELS:,}: not decoded")
 
 
 def resize_rgb(rgb: np.ndarray, size: Size, out: np.ndarray | None = None) -> np.ndarray:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from benchmark_scripts import load_benchmark, printed_ratio_tolerance
 
@@ -104,3 +105,28 @@ def test_train_benchmark_prints_both_loops_and_their_ratio():
     a, b = float(plain[1]), float(ray_train[1])
     assert b > 0
     assert float(ratio[1]) == pytest.approx(b / a, abs=printed_ratio_tolerance(b, a))
+
+
+def test_linear_probe_baseline_prints_both_threshold_rows(sample_catalog):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "linear_probe.py"), "--catalog",
+                             str(sample_catalog), "--val-fraction", "0.25"], capture_output=True, text=True,
+                            timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "features of" in result.stdout and "224x336 px" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.startswith("linear probe")]
+    assert len(lines) == 2 and "threshold 0.3 (0.30)" in lines[0] and "micro-tuned" in lines[1]
+    map_at_1 = [float(re.search(r"map_at_1=([\d.]+)", line)[1]) for line in lines]
+    assert map_at_1[0] == map_at_1[1] > 0.6  # ranking ignores thresholds; frozen features see the sample's marks
+
+
+def test_linear_probe_scores_a_one_class_genre_with_its_share():
+    probe = load_benchmark("linear_probe")
+    rng = np.random.default_rng(0)
+    train_y = np.zeros((40, 3))
+    train_y[:20, 0] = 1  # genre 0 learnable from feature 0; genre 1 never present; genre 2 always present
+    train_y[:, 2] = 1
+    train_x = rng.normal(size=(40, 4))
+    train_x[:20, 0] += 3
+    scores = probe.probe_scores(train_x, train_y, train_x[[0, 39]], c=1.0)
+    assert scores[0, 0] > 0.8 > 0.2 > scores[1, 0]
+    assert scores[:, 1].tolist() == [0.0, 0.0] and scores[:, 2].tolist() == [1.0, 1.0]

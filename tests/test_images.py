@@ -1,4 +1,5 @@
 import io
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -78,6 +79,28 @@ def test_transparency_is_composited_on_white():
 def test_bad_bytes_raise_decode_error(data, message):
     with pytest.raises(PosterDecodeError, match=message):
         decode_poster(data, 32)
+
+
+def dds_header_only() -> bytes:
+    """128 bytes that Pillow opens as a DDS texture and then cannot decode (it raises NotImplementedError)."""
+    header = bytearray(128)
+    header[:4] = b"DDS "
+    struct.pack_into("<7I", header, 4, 124, 0x1007, 4, 4, 0, 0, 0)  # size, flags, height 4, width 4
+    struct.pack_into("<2I4s", header, 76, 32, 0x4, b"ZZZZ")  # a pixel format with an unknown FourCC
+    return bytes(header)
+
+
+def test_any_decoder_failure_is_a_decode_error_of_that_poster():
+    with pytest.raises(PosterDecodeError, match="cannot decode image: NotImplementedError"):
+        decode_poster(dds_header_only(), 32)
+
+
+def test_a_png_bomb_is_refused_from_its_header():
+    bomb = io.BytesIO()
+    Image.new("1", (13_000, 13_000)).save(bomb, "PNG")  # ~20 KB that would decode to 169 million pixels
+    assert len(bomb.getvalue()) < 100_000
+    with pytest.raises(PosterDecodeError, match="13000x13000 pixels is more than a poster's 40,000,000"):
+        decode_poster(bomb.getvalue(), 32)
 
 
 def test_model_input_is_normalised_channels_last():
