@@ -54,7 +54,7 @@ def create_lite(arch: str, *, num_classes: int = 0, global_pool: str = "catavgma
 
 
 def lite_input_config(arch: str) -> dict:
-    """The backbone's own preprocessing (timm's pretrained config): input size, mean and std."""
+    """The backbone's own preprocessing (timm's pretrained config): ImageNet input size, mean and std."""
     import timm
 
     config = timm.get_pretrained_cfg(LITE_VARIANTS[arch].timm_name).to_dict()

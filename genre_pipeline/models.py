@@ -116,17 +116,19 @@ _BUILDERS: dict[str, Callable[[int, bool], GenreNet]] = {
 }
 
 
-# Posters are 2:3 (MovieLens': 300 x 443-460). A pretrained backbone pools globally, so it takes the whole poster
-# at its own width instead of a squashed square.
+# Posters are 2:3 (MovieLens': 300 x 443-460). A pretrained backbone pools globally, so it takes the whole poster,
+# near its own size and above ImageNet's training width (objects look larger in training's random crops; see
+# docs/results.md for what each size scored), instead of a squashed square.
 POSTER_HEIGHT_PER_WIDTH = 1.5
+PRETRAINED_POSTER_WIDTH = 288
 
 
 def default_preprocess(arch: str, width: int | None = None) -> PreprocessSpec:
-    """The arch's input size, mean and std: for a pretrained backbone its own ImageNet width, mean and std, at the
-    posters' shape; the study's square sizes for the others. `width` overrides the arch's."""
+    """The arch's input size, mean and std: for a pretrained backbone a whole poster (288x432) with its own mean
+    and std; the study's square sizes for the others. `width` overrides the arch's."""
     if arch in LITE_VARIANTS:
         config = lite_input_config(arch)
-        width = width or config["image_size"]
+        width = width or PRETRAINED_POSTER_WIDTH
         height = 8 * round(width * POSTER_HEIGHT_PER_WIDTH / 8)
         return PreprocessSpec(image_size=width, image_height=height, mean=config["mean"], std=config["std"])
     if arch not in _STUDY_IMAGE_SIZE:

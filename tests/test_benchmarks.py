@@ -112,7 +112,7 @@ def test_linear_probe_baseline_prints_both_threshold_rows(sample_catalog):
                              str(sample_catalog), "--val-fraction", "0.25"], capture_output=True, text=True,
                             timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "features of" in result.stdout and "224x336 px" in result.stdout
+    assert "features of" in result.stdout and "288x432 px" in result.stdout
     lines = [line for line in result.stdout.splitlines() if line.startswith("linear probe")]
     assert len(lines) == 2 and "threshold 0.3 (0.30)" in lines[0] and "micro-tuned" in lines[1]
     map_at_1 = [float(re.search(r"map_at_1=([\d.]+)", line)[1]) for line in lines]
