@@ -29,7 +29,6 @@ from torch import nn  # noqa: E402
 
 from genre_pipeline.catalog import write_catalog  # noqa: E402
 from genre_pipeline.genres import GENRES  # noqa: E402
-from genre_pipeline.images import PreprocessSpec  # noqa: E402
 from genre_pipeline.models import build_model, default_preprocess  # noqa: E402
 from genre_pipeline.posters import fetch_posters  # noqa: E402
 from genre_pipeline.sample import build_sample_catalog  # noqa: E402
@@ -49,7 +48,8 @@ def job_config(catalog: str, root: Path, args: argparse.Namespace) -> TrainJobCo
     return TrainJobConfig(catalog=catalog, storage_path=str(root / "runs"), name="bench", arch=args.arch,
                           epochs=args.epochs, batch_size=args.batch_size // args.workers, lr=1e-3,
                           num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                          val_fraction=args.val_fraction, image_size=args.image_size, seed=SEED)
+                          val_fraction=args.val_fraction, image_size=args.image_size, class_weighting=True,
+                          seed=SEED)
 
 
 def plain_batches(rows: pa.Table, batch_size: int, image_size: int):
@@ -79,7 +79,7 @@ def plain_loop(config: TrainJobConfig, image_size: int) -> list[float]:
     rates = []
     for _ in range(config.epochs):
         batches = plain_batches(train_rows, config.batch_size * config.num_workers, image_size)
-        epoch = train_one_epoch(model, batches, optimizer, loss_fn, PreprocessSpec(image_size))
+        epoch = train_one_epoch(model, batches, optimizer, loss_fn, loop)
         rates.append(epoch.rows / epoch.seconds)
     return rates
 
