@@ -86,7 +86,8 @@ def test_pretrained_recipe_trains_the_head_on_frozen_features_then_the_whole_net
                      "--num-workers", "2", "--cpus-per-worker", "0.5", "--val-fraction", "0.25",
                      "--storage-path", str(tmp_path), "--name", "recipe"])
     assert code == 0
-    by_epoch = {read_meta(str(path)).epoch: path for path in (tmp_path / "recipe").glob("checkpoint_*")}
+    checkpoints = [path for path in (tmp_path / "recipe").glob("checkpoint_*") if path.is_dir()]
+    by_epoch = {read_meta(str(path)).epoch: path for path in checkpoints}
     assert sorted(by_epoch) == [0, 1]  # the head phase's checkpoint, then one full-network epoch
     package = build_model(arch="efficientnet_lite0", num_genres=len(GENRES), pretrained=True).state_dict()
     head_phase = torch.load(by_epoch[0] / "model.pt")
@@ -103,7 +104,6 @@ def test_pretrained_recipe_trains_the_head_on_frozen_features_then_the_whole_net
                                                                                         (0.5, 0.5, 0.5))
     assert len(set(meta.thresholds)) == 1  # micro: one threshold for every genre
     assert meta.recipe["head_epochs"] == 30 and meta.recipe["epochs"] == 1 and meta.recipe["freeze_batch_norm"]
-    assert 1 <= meta.metrics["head_best_epoch"] <= 30
     train, val = split_rows(load_training_rows(str(sample_catalog), StorageOptions()), 0.25)
     y_val = encode_many(val["genres"].to_pylist())
     prior = prior_scores(frequency_prior(encode_many(train["genres"].to_pylist())), len(y_val))
