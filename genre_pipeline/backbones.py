@@ -61,11 +61,6 @@ def lite_input_config(arch: str) -> dict:
     return {"image_size": int(config["input_size"][-1]), "mean": tuple(config["mean"]), "std": tuple(config["std"])}
 
 
-def feature_width(arch: str) -> int:
-    """Width of the pooled features (`catavgmax` doubles the network's own)."""
-    return 2 * create_lite(arch, global_pool="avg").num_features
-
-
 _REFERENCE_BLOCK = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
 # Per block kind: the reference's layer names -> timm's. A depthwise-separable block (expansion 1, the first
 # stage) has no expansion conv, so its batch norms are numbered one lower in both layouts.

@@ -19,7 +19,6 @@ from genre_pipeline.backbones import (
     LITE_VARIANTS,
     WeightsUnavailableError,
     create_lite,
-    feature_width,
     lite_input_config,
     load_lite_weights,
     package_version,
@@ -104,7 +103,8 @@ def _efficientnet_lite(arch: str, num_genres: int, imagenet: bool) -> GenreNet:
         state, _ = read_state_dict(str(path), storage.StorageOptions())
         load_lite_weights(backbone, state, str(path))
     # Dropout before one linear layer per genre: on 2.6k posters a deeper head overfits the frozen features.
-    head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_width(arch), num_genres))
+    width = 2 * backbone.num_features  # mean and max pooled ("catavgmax")
+    head = nn.Sequential(nn.Dropout(0.3), nn.Linear(width, num_genres))
     return GenreNet(backbone, head)
 
 
