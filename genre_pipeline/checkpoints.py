@@ -1,7 +1,11 @@
 """Self-describing checkpoints: `model.pt` (a state_dict) + `meta.json` (everything inference needs).
 
 A checkpoint is a directory, local or s3://. Loading uses `torch.load(weights_only=True)`: a checkpoint
-from a bucket is data, never code.
+from a bucket is data, never code, and its weights must match the sha256 that meta records.
+
+Publishing never changes a checkpoint in place: it writes `<run>/versions/<model_version>/` (weights, then meta),
+then swaps the pointer `<run>/model/pointer.json` to it in one write. A model URI is a checkpoint directory or a
+folder holding such a pointer; `pin_model` resolves it once per job.
 """
 
 from __future__ import annotations
@@ -9,8 +13,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import platform
+import posixpath
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +30,8 @@ from genre_pipeline.models import GenreNet, build_model
 
 WEIGHTS_FILE = "model.pt"
 META_FILE = "meta.json"
+POINTER_FILE = "pointer.json"  # in a published model folder: which version it currently means
+VERSIONS_DIR = "versions"
 
 
 class CheckpointError(RuntimeError):
@@ -40,6 +49,7 @@ class ModelMeta:
     metrics: dict[str, float] = field(default_factory=dict)  # validation metrics at that epoch
     data_fingerprint: str = ""  # which training rows made it: hash of the sorted train/val movie_ids
     model_version: str = ""  # stable id written into every label row
+    weights_sha256: str = ""  # of model.pt; checked on every load (before: the 12 hex digits in model_version)
     weights_source: dict[str, str] = field(default_factory=dict)  # the initial weights: package/file + sha256, random
     recipe: dict = field(default_factory=dict)  # the training hyperparameters that made it
     versions: dict[str, str] = field(default_factory=dict)
@@ -79,9 +89,9 @@ def weights_bytes(model: torch.nn.Module) -> bytes:
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, meta: ModelMeta) -> ModelMeta:
     """Write weights and meta into a local directory; the model version is derived from the weights' hash."""
     data = weights_bytes(model)
-    digest = hashlib.sha256(data).hexdigest()[:12]
-    meta = ModelMeta(**{**asdict(meta), "preprocess": meta.preprocess,
-                        "model_version": f"{meta.arch}-e{meta.epoch}-{digest}"})
+    digest = hashlib.sha256(data).hexdigest()
+    meta = ModelMeta(**{**asdict(meta), "preprocess": meta.preprocess, "weights_sha256": digest,
+                        "model_version": f"{meta.arch}-e{meta.epoch}-{digest[:12]}"})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / WEIGHTS_FILE).write_bytes(data)
@@ -90,6 +100,8 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, meta: ModelMe
 
 
 def read_meta(uri: str, options: storage.StorageOptions = storage.StorageOptions()) -> ModelMeta:
+    """The meta of a checkpoint directory, or of the version a model folder's pointer names."""
+    uri = resolve_checkpoint(uri, options)
     try:
         return ModelMeta.from_json(storage.read_bytes(storage.join(uri, META_FILE), options).decode())
     except FileNotFoundError:
@@ -98,26 +110,105 @@ def read_meta(uri: str, options: storage.StorageOptions = storage.StorageOptions
         raise CheckpointError(f"{storage.join(uri, META_FILE)}: unreadable checkpoint meta: {error}") from None
 
 
-def load_checkpoint(
-    uri: str, options: storage.StorageOptions = storage.StorageOptions(), map_location: str = "cpu"
-) -> tuple[GenreNet, ModelMeta]:
-    """Rebuild the model from meta (no pretrained download: the weights replace them) and load the weights."""
-    meta = read_meta(uri, options)
-    model = build_model(arch=meta.arch, num_genres=len(meta.genres))
-    weights_uri = storage.join(uri, WEIGHTS_FILE)
+def resolve_checkpoint(uri: str, options: storage.StorageOptions = storage.StorageOptions()) -> str:
+    """`uri` itself, or the checkpoint directory its pointer file names."""
+    pointer_uri = storage.join(uri, POINTER_FILE)
     try:
-        state = torch.load(io.BytesIO(storage.read_bytes(weights_uri, options)),
-                           map_location=map_location, weights_only=True)
-        model.load_state_dict(state)
+        pointer = json.loads(storage.read_bytes(pointer_uri, options))
+        target = pointer["checkpoint"]
+    except FileNotFoundError:
+        return uri
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{pointer_uri}: unreadable model pointer: {error}") from None
+    return target if storage.is_remote(target) or os.path.isabs(target) else storage.relative_to(uri, target)
+
+
+def verify_weights(data: bytes, meta: ModelMeta, weights_uri: str) -> str:
+    """The weights' sha256, once it matches the one meta records; else CheckpointError."""
+    digest = hashlib.sha256(data).hexdigest()
+    expected = meta.weights_sha256 or meta.model_version.rsplit("-", 1)[-1]
+    if not digest.startswith(expected):
+        raise CheckpointError(f"{weights_uri}: sha256 {digest[:12]}... does not match {expected[:12]}... recorded "
+                              f"for {meta.model_version}: the weights were changed after publishing; refusing them")
+    return digest
+
+
+@dataclass(frozen=True)
+class PinnedModel:
+    """The exact model a job uses, resolved once: every actor loads this directory and checks this digest."""
+
+    uri: str  # a checkpoint directory (a pointer already followed)
+    meta: ModelMeta
+    weights_sha256: str
+
+
+def pin_model(uri: str, options: storage.StorageOptions = storage.StorageOptions()) -> PinnedModel:
+    directory = resolve_checkpoint(uri, options)
+    meta = read_meta(directory, options)
+    weights_uri = storage.join(directory, WEIGHTS_FILE)
+    digest = verify_weights(_read_weights(weights_uri, options), meta, weights_uri)
+    return PinnedModel(directory, meta, digest)
+
+
+def _read_weights(weights_uri: str, options: storage.StorageOptions) -> bytes:
+    try:
+        return storage.read_bytes(weights_uri, options)
     except FileNotFoundError:
         raise CheckpointError(f"{weights_uri}: weights file is missing") from None
+    except OSError as error:
+        raise CheckpointError(f"{weights_uri}: unreadable weights: {error}") from None
+
+
+def load_checkpoint(
+    uri: str, options: storage.StorageOptions = storage.StorageOptions(), map_location: str = "cpu",
+    expected_sha256: str | None = None,
+) -> tuple[GenreNet, ModelMeta]:
+    """Rebuild the model from meta (no pretrained download: the weights replace them) and load the weights,
+    once their digest matches meta's (and `expected_sha256`, a pinned model's)."""
+    uri = resolve_checkpoint(uri, options)
+    meta = read_meta(uri, options)
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    data = _read_weights(weights_uri, options)
+    digest = verify_weights(data, meta, weights_uri)
+    if expected_sha256 and digest != expected_sha256:
+        raise CheckpointError(f"{weights_uri}: sha256 {digest[:12]}... is not the pinned {expected_sha256[:12]}...: "
+                              "the model changed during the run; refusing it")
+    model = build_model(arch=meta.arch, num_genres=len(meta.genres))
+    try:
+        model.load_state_dict(torch.load(io.BytesIO(data), map_location=map_location, weights_only=True))
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"{weights_uri}: unreadable weights: {error}") from None
     return model.eval(), meta
 
 
-def copy_checkpoint(source_dir: str, target_uri: str,
-                    options: storage.StorageOptions = storage.StorageOptions()) -> None:
-    """Publish a checkpoint to a stable URI (weights first, meta last: meta's presence marks it complete)."""
-    for name in (WEIGHTS_FILE, META_FILE):
-        storage.write_bytes(storage.join(target_uri, name), (Path(source_dir) / name).read_bytes(), options)
+def publish_checkpoint(source_dir: str, model_uri: str,
+                       options: storage.StorageOptions = storage.StorageOptions()) -> str:
+    """Publish a local checkpoint under `model_uri` (e.g. <storage>/<run>/model): a new immutable
+    `../versions/<model_version>/`, then the pointer. Returns the version's URI."""
+    meta = ModelMeta.from_json((Path(source_dir) / META_FILE).read_text())
+    relative = posixpath.join("..", VERSIONS_DIR, meta.model_version)
+    version_uri = storage.relative_to(model_uri, relative)
+    for name in (WEIGHTS_FILE, META_FILE):  # meta last: its presence marks the version complete
+        storage.write_bytes(storage.join(version_uri, name), (Path(source_dir) / name).read_bytes(), options)
+    pointer = json.dumps({"checkpoint": relative, "model_version": meta.model_version,
+                          "weights_sha256": meta.weights_sha256}, indent=2).encode()
+    write_atomically(storage.join(model_uri, POINTER_FILE), pointer, options)
+    for name in (WEIGHTS_FILE, META_FILE):  # a checkpoint published in place before pointers existed
+        legacy = storage.join(model_uri, name)
+        if storage.exists(legacy, options):
+            storage.remove(legacy, options)
+    return version_uri
+
+
+def write_atomically(uri: str, data: bytes, options: storage.StorageOptions = storage.StorageOptions()) -> None:
+    """Readers see the old bytes or the new: one PUT on S3, a rename of a complete file locally."""
+    if storage.is_remote(uri):
+        storage.write_bytes(uri, data, options)
+        return
+    path = storage.fsspec_filesystem(uri)[1]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".pointer-", delete=False) as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)

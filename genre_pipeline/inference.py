@@ -93,14 +93,14 @@ class GenrePredictor:
 
     def __init__(self, checkpoint_uri: str, *, storage_options: storage.StorageOptions = storage.StorageOptions(),
                  device: str = "auto", num_threads: int | None = None, precision: str = "auto",
-                 compile_model: bool = False) -> None:
+                 compile_model: bool = False, expected_sha256: str | None = None) -> None:
         self.device = resolve_device(device)
         self.threads = num_threads or actor_cpu_count()
         self._use_threads()
         if self.device.type == "cpu":
             reuse_freed_memory()
         self.autocast_dtype = autocast_dtype(precision, self.device)
-        model, self.meta = load_checkpoint(checkpoint_uri, storage_options)
+        model, self.meta = load_checkpoint(checkpoint_uri, storage_options, expected_sha256=expected_sha256)
         self.model = fold_batch_norms(model.eval(), self.meta.arch).to(self.device, memory_format=torch.channels_last)
         if compile_model:  # minutes of compilation per actor: worth it only for long runs on GPUs
             self.model = torch.compile(self.model)

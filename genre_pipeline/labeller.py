@@ -14,12 +14,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
+import numpy as np
 import pyarrow as pa
 
 from genre_pipeline import storage
 from genre_pipeline.inference import GenrePredictor
-from genre_pipeline.labels import to_label_table
-from genre_pipeline.posters import Batch, decode_posters, fetch_posters
+from genre_pipeline.labels import STATUS_INFERENCE_FAILED, STATUS_OK, to_label_table
+from genre_pipeline.posters import Batch, PosterPolicy, decode_posters, fetch_posters
 
 logger = logging.getLogger(__name__)
 
@@ -37,27 +38,46 @@ def model_lock(predictor: GenrePredictor) -> contextlib.AbstractContextManager:
     return threading.Lock()
 
 
+def mark_inference_failed(batch: Batch, error: Exception, genres: int) -> Batch:
+    """The block's scorable rows get `inference_failed` and the error; the others keep their status."""
+    batch.pop("image", None)
+    count = len(batch["status"])
+    ok = batch["status"] == STATUS_OK
+    batch["status"] = np.where(ok, STATUS_INFERENCE_FAILED, batch["status"]).astype(object)
+    reason = storage.redact(f"scoring failed: {type(error).__name__}: {error}")
+    batch["error"] = np.where(ok, reason, batch["error"]).astype(object)
+    batch["scores"] = np.full((count, genres), np.nan, dtype=np.float32)
+    return batch
+
+
 class PosterLabeller:
     """One model load per actor; each call: (fetch and decode,) score the `ok` rows, build the contract's rows."""
 
     def __init__(self, checkpoint_uri: str, *, run_id: str, labelled_at: datetime, fetch_and_decode: bool,
                  device: str = "auto", precision: str = "auto", compile_model: bool = False,
                  num_threads: int | None = None, forward_batch: int | None = None,
-                 storage_options: storage.StorageOptions = storage.StorageOptions()) -> None:
+                 storage_options: storage.StorageOptions = storage.StorageOptions(),
+                 poster_policy: PosterPolicy = PosterPolicy(), expected_sha256: str | None = None) -> None:
         self.predictor = GenrePredictor(checkpoint_uri, storage_options=storage_options, device=device,
-                                        num_threads=num_threads, precision=precision, compile_model=compile_model)
+                                        num_threads=num_threads, precision=precision, compile_model=compile_model,
+                                        expected_sha256=expected_sha256)
         meta = self.predictor.meta
         self.label_kwargs = {"genres": meta.genres, "thresholds": meta.threshold_array,
                              "model_version": meta.model_version, "run_id": run_id, "labelled_at": labelled_at}
         self.decode_pool = ThreadPoolExecutor(self.predictor.threads) if fetch_and_decode else None
         self.storage_options = storage_options
+        self.poster_policy = poster_policy
         self.forward_batch = forward_batch
         self.model_lock = model_lock(self.predictor)
 
     def __call__(self, batch: Batch) -> pa.Table:
         if self.decode_pool is not None:
-            batch = fetch_posters(batch, options=self.storage_options)
+            batch = fetch_posters(batch, options=self.storage_options, policy=self.poster_policy)
             batch = decode_posters(batch, image_size=self.predictor.spec.shape, pool=self.decode_pool)
-        with self.model_lock:
-            scored = self.predictor(batch, forward_batch=self.forward_batch)
+        try:
+            with self.model_lock:
+                scored = self.predictor(batch, forward_batch=self.forward_batch)
+        except Exception as error:  # one block the model cannot score must not end the night
+            logger.exception("scoring a block of %d rows failed", len(batch["status"]))
+            scored = mark_inference_failed(batch, error, len(self.label_kwargs["genres"]))
         return to_label_table(scored, **self.label_kwargs)

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -13,13 +14,13 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import ray
 
-from genre_pipeline import storage
+from genre_pipeline import failpoints, storage
 from genre_pipeline.catalog import CatalogError, check_movie_ids, validate_schema
-from genre_pipeline.checkpoints import ModelMeta, read_meta
+from genre_pipeline.checkpoints import PinnedModel, pin_model
 from genre_pipeline.labeller import PosterLabeller
-from genre_pipeline.labels import STATUS_OK
-from genre_pipeline.output import NightOutput
-from genre_pipeline.posters import decode_posters, fetch_posters
+from genre_pipeline.labels import STATUS_OK, labels_schema
+from genre_pipeline.output import NightSpool, NightStore
+from genre_pipeline.posters import DEFAULT_MAX_POSTER_BYTES, PosterPolicy, decode_posters, fetch_posters
 from genre_pipeline.runtime import TORCH_WORKER_ENV
 
 logger = logging.getLogger(__name__)
@@ -32,13 +33,16 @@ CATALOG_COLUMNS = ["movie_id", "title", "poster_uri"]
 # scores while the others have nothing left, is short: a resnet50 block takes 6 s on one CPU core (128 rows:
 # 12 s). End to end the difference was within a 2-vCPU VM's run-to-run noise (resnet50, 1500 posters).
 DECODE_BATCH_ROWS = 64
-# Writing Parquet (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter of a
-# CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
+# Reading the catalogue (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter
+# of a CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
 IO_TASK_CPUS = 0.25
-# Output files bundle this many label rows (~30 MB of Parquet; ~80 MB of rows wait in the object store until
-# a file's worth is scored) instead of one file per 64-row block: a 1M-movie catalogue makes 4 files a night,
-# not 7,800, which is what a warehouse scanning the labels with SQL wants (few files, row groups of ~250k rows).
-ROWS_PER_FILE = 250_000
+# Bounded retries: a label actor that dies (OOM, lost node) is restarted and its blocks retried this many times;
+# a fault that keeps coming back then fails the run instead of looping all night.
+ACTOR_MAX_RESTARTS = 4
+TASK_MAX_RETRIES = 4
+# More posters than this failing (fetch, decode, refusal, scoring) means a systemic fault (credentials, endpoint,
+# poster roots), not bad posters: the night is not committed.
+DEFAULT_MAX_FAILED_FRACTION = 0.2
 # Ray Data cuts the catalogue into blocks (repartition) in tasks that need one whole CPU (not configurable): the
 # actors on a CPU node leave one, or the job waits forever.
 IO_CPU_RESERVE = 1.0
@@ -60,7 +64,9 @@ class LabelConfig:
     # the reserved CPU's I/O tasks mostly wait, so the models keep it busy too); with GPUs, the actor's CPUs
     precision: str = "auto"  # bf16 on GPUs, fp32 on CPUs unless asked
     compile_model: bool = False
-    rows_per_file: int = ROWS_PER_FILE  # label rows per output Parquet file
+    poster_roots: tuple[str, ...] = ()  # where posters may be read from; empty: the catalogue's own folder
+    max_poster_bytes: int = DEFAULT_MAX_POSTER_BYTES
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION  # of rows with a poster_uri
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)
 
     @property
@@ -97,6 +103,10 @@ def resolve_batch_size(config: LabelConfig) -> int:
 
 class ActorResourcesError(ValueError):
     """Actor sizes this cluster cannot run (the job would wait forever)."""
+
+
+class FailedNightError(RuntimeError):
+    """Too many posters failed for the night to be published; nothing was committed."""
 
 
 @dataclass(frozen=True)
@@ -220,30 +230,58 @@ def catalog_blocks(uri: str, options: storage.StorageOptions) -> ray.data.Datase
     )
 
 
+def poster_policy(config: LabelConfig) -> PosterPolicy:
+    """The configured poster roots, or the folder the catalogue lies in (a catalogue folder's parent)."""
+    roots = list(config.poster_roots) or [catalog_folder(config.catalog, config.storage_options)]
+    return PosterPolicy.under(roots, config.max_poster_bytes)
+
+
+def catalog_folder(uri: str, options: storage.StorageOptions) -> str:
+    fs, path = storage.fsspec_filesystem(uri, options)
+    parent = path.rstrip("/").rsplit("/", 1)[0]
+    return f"s3://{parent}" if storage.is_remote(uri) else parent
+
+
 def build_label_dataset(
-    config: LabelConfig, meta: ModelMeta, resources: ActorResources, *, run_id: str, labelled_at: datetime
+    config: LabelConfig, model: PinnedModel, resources: ActorResources, *, run_id: str, labelled_at: datetime
 ) -> ray.data.Dataset:
     """read -> [fetch (I/O tasks) -> decode (CPU tasks), on GPUs] -> PosterLabeller pool; lazy, streaming."""
+    with warnings.catch_warnings():
+        # Ray 2.60 bounds retries and actor restarts only through `ray_remote_args`, which it marks deprecated
+        # without offering named parameters for them yet.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        posters = prepare_posters(config, model)
+        return score_posters(posters, config, model, resources, run_id=run_id, labelled_at=labelled_at)
+
+
+def prepare_posters(config: LabelConfig, model: PinnedModel) -> ray.data.Dataset:
+    posters = catalog_blocks(config.catalog, config.storage_options)
+    if not config.on_gpu:  # CPU actors fetch and decode their own blocks
+        return posters
+    # The GPU actors' own CPU could not decode fast enough: decoding scales out in tasks.
+    fetch_kwargs = {"options": config.storage_options, "policy": poster_policy(config)}
+    return (
+        posters.map_batches(fetch_posters, fn_kwargs=fetch_kwargs, batch_size=DECODE_BATCH_ROWS,
+                            num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
+        .map_batches(decode_posters, fn_kwargs={"image_size": model.meta.preprocess.shape},
+                     batch_size=DECODE_BATCH_ROWS, max_retries=TASK_MAX_RETRIES)
+    )
+
+
+def score_posters(posters: ray.data.Dataset, config: LabelConfig, model: PinnedModel, resources: ActorResources,
+                  *, run_id: str, labelled_at: datetime) -> ray.data.Dataset:
     options = config.storage_options
-    posters = catalog_blocks(config.catalog, options)
-    if config.on_gpu:  # the GPU actors' own CPU could not decode fast enough: decoding scales out in tasks
-        posters = (
-            posters.map_batches(fetch_posters, fn_kwargs={"options": options}, batch_size=DECODE_BATCH_ROWS,
-                                num_cpus=IO_TASK_CPUS)
-            .map_batches(decode_posters, fn_kwargs={"image_size": meta.preprocess.shape},
-                         batch_size=DECODE_BATCH_ROWS)
-        )
     return posters.map_batches(
         PosterLabeller,
-        fn_constructor_kwargs={"checkpoint_uri": config.model, "run_id": run_id, "labelled_at": labelled_at,
+        fn_constructor_kwargs={"checkpoint_uri": model.uri, "expected_sha256": model.weights_sha256,
+                               "run_id": run_id, "labelled_at": labelled_at,
                                "fetch_and_decode": not config.on_gpu, "device": "cuda" if config.on_gpu else "cpu",
                                "precision": config.precision, "compile_model": config.compile_model,
                                "num_threads": resources.threads, "forward_batch": resolve_batch_size(config),
-                               "storage_options": options},
+                               "storage_options": options, "poster_policy": poster_policy(config)},
         # Two calls at once per actor: one prepares its batch (on CPUs: fetch and decode) or builds its label
         # rows while the other scores (see labeller.model_lock). No more: Ray Data's default queues two more
-        # blocks behind a busy actor, where they wait while other actors run out of work at the run's end (and
-        # in a small run the first actor up took every block; Ray Data stopped the others before they started).
+        # blocks behind a busy actor, where they wait while other actors run out of work at the run's end.
         compute=ray.data.ActorPoolStrategy(size=resources.actors, max_concurrent_calls_per_actor=2,
                                            max_tasks_in_flight_per_actor=2, enable_true_multi_threading=True),
         # On CPU a call takes a whole block (Ray Data's per-call overhead is paid per block, not per 8 posters)
@@ -251,25 +289,44 @@ def build_label_dataset(
         batch_size=resolve_batch_size(config) if config.on_gpu else DECODE_BATCH_ROWS,
         num_gpus=config.num_gpus_per_actor,
         num_cpus=resources.cpus,
+        max_restarts=ACTOR_MAX_RESTARTS,
+        max_task_retries=TASK_MAX_RETRIES,
         runtime_env={"env_vars": TORCH_WORKER_ENV},
     )
 
 
+def check_failures(spool: NightSpool, rows_by_status: dict[str, int], max_fraction: float) -> None:
+    """Refuse to publish a night in which more than `max_fraction` of the posters failed."""
+    if spool.posters and spool.failed_posters / spool.posters > max_fraction:
+        failed = {s: n for s, n in sorted(rows_by_status.items()) if s != STATUS_OK}
+        raise FailedNightError(
+            f"{spool.failed_posters} of {spool.posters} posters failed ({failed}; first error: {spool.first_error}), "
+            f"more than --max-failed-fraction {max_fraction:g}: a systemic fault (credentials, endpoint, poster "
+            "roots?). Nothing committed; the previous labels of this night, if any, stay.")
+
+
 def label_catalog(config: LabelConfig) -> LabelSummary:
-    """Label every catalogue row and commit the night's partition; nothing is committed on failure."""
+    """Label every catalogue row and commit the night; nothing is committed on failure.
+
+    The model is resolved and its digest checked once, here: every actor loads that exact checkpoint.
+    """
     started = time.monotonic()
     check_storage(config)
-    meta = read_meta(config.model, config.storage_options)  # fail before any work when the model is unreadable
+    model = pin_model(config.model, config.storage_options)  # fails before any work when unusable or tampered
+    failpoints.reached("model.pinned")
     expected_rows = count_catalog_rows(config.catalog, config.storage_options)
     resources = resolve_actor_resources(config, expected_rows)  # a pool that could never run fails before any work
     run_id = f"{config.run_date}-{uuid.uuid4().hex[:8]}"
-    night = NightOutput(config.output, config.run_date, run_id, config.storage_options)
-    night.clean_stale()
-    labels = build_label_dataset(config, meta, resources, run_id=run_id, labelled_at=datetime.now(timezone.utc))
-    fs, staging_path = storage.arrow_filesystem(night.staging_uri, config.storage_options)
-    labels.write_parquet(staging_path, filesystem=fs, min_rows_per_file=config.rows_per_file,
-                         ray_remote_args={"num_cpus": IO_TASK_CPUS})
-    rows_by_status = night.check_complete(expected_rows)
-    night.commit()
-    return LabelSummary(night.partition_uri, run_id, meta.model_version, rows_by_status,
+    store = NightStore(config.output, config.run_date, run_id, config.storage_options)
+    seen = store.current_version()  # the commit happens only if the night is still this version
+    labels = build_label_dataset(config, model, resources, run_id=run_id, labelled_at=datetime.now(timezone.utc))
+    spool = store.open_spool(labels_schema(model.meta.genres))
+    with store.hold_spool(spool):
+        for block in labels.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            spool.write(block)
+        rows_by_status = spool.close(expected_rows)
+        failpoints.reached("commit.spooled")
+        check_failures(spool, rows_by_status, config.max_failed_fraction)
+        store.commit(spool.path, seen)
+    return LabelSummary(store.partition_uri, run_id, model.meta.model_version, rows_by_status,
                         time.monotonic() - started)

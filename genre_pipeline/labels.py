@@ -15,7 +15,10 @@ STATUS_OK = "ok"
 STATUS_MISSING = "missing_poster"
 STATUS_UNREADABLE = "unreadable_poster"
 STATUS_FETCH_FAILED = "fetch_failed"
-STATUSES = (STATUS_OK, STATUS_MISSING, STATUS_UNREADABLE, STATUS_FETCH_FAILED)
+STATUS_REFUSED = "refused_poster"  # outside the poster roots, not a regular file, or too large
+STATUS_INFERENCE_FAILED = "inference_failed"  # the model raised on the block this row was scored in
+STATUSES = (STATUS_OK, STATUS_MISSING, STATUS_UNREADABLE, STATUS_FETCH_FAILED, STATUS_REFUSED,
+            STATUS_INFERENCE_FAILED)
 
 # Hive-style partition directory under the labels root: labels/run_date=YYYY-MM-DD/*.parquet
 PARTITION_KEY = "run_date"

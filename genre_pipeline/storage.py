@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ WRITE_CHECK_DIR = "_staging"
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 # What the errors of a storage call can be: OSError (local, and s3fs's translations of S3 error codes),
 # botocore's own (no connection, no credentials) and S3 error codes s3fs left untranslated.
+_URL_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 STORAGE_ERRORS = (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 _CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the AWS profile or the node's role"
 # S3 error codes (also HTTP statuses: HEAD responses have no body, so no code) -> what they mean to a user.
@@ -125,7 +127,9 @@ def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:
 
 
 def redact(text: str) -> str:
-    """`text` with the values of the secret AWS variables of this process replaced by `***`."""
+    """`text` with credentials in URLs (`scheme://user:password@`) and the values of the secret AWS variables of
+    this process replaced by `***`."""
+    text = _URL_CREDENTIALS.sub(r"\1***@", text)
     for name in SECRET_ENV_VARS:
         secret = os.environ.get(name)
         if secret:
@@ -207,3 +211,33 @@ def check_writable(uri: str, options: StorageOptions = StorageOptions()) -> None
         fs, path = fsspec_filesystem(marker, options)
         fs.pipe_file(path, b"")
         fs.rm_file(path)
+
+
+def bucket_and_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    return bucket, key
+
+
+def s3_client(options: StorageOptions = StorageOptions()):
+    """A boto3 S3 client for the calls s3fs does not expose (conditional puts); same endpoint, region and
+    credential chain as the s3fs filesystems."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    config = Config(signature_version=UNSIGNED) if options.anonymous else None
+    return boto3.client("s3", endpoint_url=options.endpoint_url, region_name=options.region, config=config)
+
+
+def remove(uri: str, options: StorageOptions = StorageOptions()) -> None:
+    fs, path = fsspec_filesystem(uri, options)
+    fs.rm_file(path)
+
+
+def relative_to(base: str, relative: str) -> str:
+    """`relative` (e.g. "../versions/v1") resolved against the folder `base`, `..` folded (S3 keys keep them)."""
+    joined = join(base, relative)
+    if not is_remote(joined):
+        return os.path.normpath(joined)
+    scheme, path = joined.split("://", 1)
+    return f"{scheme}://{posixpath.normpath(path)}"

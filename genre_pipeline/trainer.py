@@ -10,7 +10,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from genre_pipeline import storage
-from genre_pipeline.checkpoints import META_FILE, ModelMeta, copy_checkpoint
+from genre_pipeline.checkpoints import META_FILE, ModelMeta, publish_checkpoint
 from genre_pipeline.evaluation import THRESHOLD_OBJECTIVES
 from genre_pipeline.genres import GENRES
 from genre_pipeline.models import PRETRAINED_ARCHS, default_preprocess, weights_source
@@ -174,14 +174,15 @@ class WholeValidationSplit(ray.train.DataConfig):
 
 
 def publish_best(result: ray.train.Result, config: TrainJobConfig, monitor: str) -> TrainSummary:
-    """Copy the best checkpoint to <storage-path>/<name>/model, the stable URI nightly labelling reads."""
+    """Publish the best checkpoint as <storage-path>/<name>/versions/<model_version>/ and point
+    <storage-path>/<name>/model, the URI nightly labelling reads, to it."""
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if monitor in m]
     if not scored:
         raise RuntimeError(f"training run {config.name!r} produced no checkpoint")
     best, _ = max(scored, key=lambda pair: pair[1][monitor])
     target = storage.join(config.storage_path, config.name, PUBLISHED_MODEL_DIR)
     with best.as_directory() as directory:
-        copy_checkpoint(directory, target, config.storage_options)
+        publish_checkpoint(directory, target, config.storage_options)
         meta = ModelMeta.from_json((Path(directory) / META_FILE).read_text())
     # The last report (not the kept checkpoints, which may omit it) says how far the run went.
     epochs_run = int((result.metrics or {}).get("epoch", max(int(m.get("epoch", 0)) for _, m in scored)))

@@ -6,9 +6,11 @@
     ray job submit --working-dir . -- python jobs/label_catalog.py --catalog s3://bucket/catalog.parquet \
         --model s3://bucket/runs/genre-resnet50/model --output s3://bucket/labels --actors 4 --num-gpus-per-actor 1
 
-Writes `<output>/run_date=<date>/*.parquet`, one row per catalogue movie (bad posters included, with a status),
-replacing an earlier run of the same night only once the new one is complete. Exit 0 when the catalogue was
-labelled (bad posters included); 2 when the catalogue, the model or the output cannot be used.
+Writes `<output>/run_date=<date>/labels.parquet`, one row per catalogue movie (bad posters included, with a
+status), replacing an earlier run of the same night in one atomic step once the new one is complete.
+Exit 0 when the night was committed (bad posters included); 2 when nothing was committed: the catalogue, the
+model or the output cannot be used, more than --max-failed-fraction of the posters failed, or another run
+committed the night meanwhile. The previous labels of the night then stay as they were.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from genre_pipeline.labelling import (  # noqa: E402
     DEFAULT_BATCH_SIZE,
     IO_CPU_RESERVE,
     ActorResourcesError,
+    FailedNightError,
     LabelConfig,
     LabelSummary,
     label_catalog,
 )
 from genre_pipeline.labels import STATUSES  # noqa: E402
-from genre_pipeline.output import OutputIncompleteError  # noqa: E402
+from genre_pipeline.output import NightChangedError, OutputIncompleteError  # noqa: E402
 from genre_pipeline.runtime import add_storage_flags, init_ray, setup_logging, storage_options_from  # noqa: E402
 from genre_pipeline.storage import StorageError  # noqa: E402
 from genre_pipeline.telemetry import LABEL_JOB, LabelledGauge, push_job_failure, push_job_outcome  # noqa: E402
@@ -53,11 +56,33 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = LabelConfig(catalog="", model="", output="", run_date="")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--catalog", required=True, help="catalogue Parquet file or directory (local or s3://)")
-    p.add_argument("--model", required=True, help="checkpoint directory (e.g. <storage-path>/<name>/model)")
+    p.add_argument("--model", required=True, help="checkpoint directory, or a published model folder (<storage-path>/<name>/model) whose "
+                        "pointer names a version; resolved once per run and its weights digest-checked")
     p.add_argument("--output", required=True, help="labels root; the night goes to <output>/run_date=<date>/")
     p.add_argument("--run-date", type=run_date, default=datetime.now(timezone.utc).date().isoformat(),
                    help="YYYY-MM-DD partition to (re)write; default: today in UTC")
@@ -67,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=positive_int, default=defaults.actors,
                    help="PosterLabeller actors (model replicas); default on CPU: one per core of the cluster's "
                         "nodes, single-threaded; with GPUs: the cluster's GPUs over --num-gpus-per-actor")
-    p.add_argument("--num-gpus-per-actor", type=float, default=defaults.num_gpus_per_actor,
+    p.add_argument("--num-gpus-per-actor", type=non_negative_float, default=defaults.num_gpus_per_actor,
                    help="GPUs per actor; 0 scores on CPU")
-    p.add_argument("--cpus-per-actor", type=float, default=defaults.cpus_per_actor,
+    p.add_argument("--cpus-per-actor", type=positive_float, default=defaults.cpus_per_actor,
                    help="CPUs Ray reserves per actor; default 1 with GPUs, else the node's CPUs less "
                         f"{IO_CPU_RESERVE:g} for Ray Data's read tasks, shared by the node's actors")
     p.add_argument("--threads-per-actor", type=positive_int, default=defaults.threads_per_actor,
@@ -79,9 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast on GPUs, fp32 on CPUs; bf16 on CPUs is faster on AVX512-BF16 cores "
                         "(1.8x for resnet50) and moves scores slightly: compare two nights with evaluate.py")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in each actor (GPU runs)")
-    p.add_argument("--rows-per-file", type=positive_int, default=defaults.rows_per_file,
-                   help=f"label rows per output Parquet file (default {defaults.rows_per_file:,}); rows wait in "
-                        "Ray's object store until a file's worth is scored")
+    p.add_argument("--poster-root", action="append", default=[], dest="poster_roots", metavar="ROOT",
+                   help="a local folder or s3://bucket/prefix posters may be read from (repeatable); a poster "
+                        "elsewhere, after following symlinks and '..', gets status refused_poster. Default: the "
+                        "folder or prefix the catalogue lies in")
+    p.add_argument("--max-poster-bytes", type=positive_int, default=defaults.max_poster_bytes,
+                   help=f"larger posters get status refused_poster (default {defaults.max_poster_bytes:,})")
+    p.add_argument("--max-failed-fraction", type=fraction, default=defaults.max_failed_fraction,
+                   help="when more than this fraction of the rows with a poster_uri fail (fetch, decode, refusal, "
+                        "scoring), nothing is committed and the job exits 2: a systemic fault, not bad posters "
+                        f"(default {defaults.max_failed_fraction:g})")
     p.add_argument("--pushgateway", default=None, help="HOST:PORT of a Prometheus Pushgateway")
     add_storage_flags(p)
     return p
@@ -93,7 +125,8 @@ def parse_config(argv: list[str] | None) -> tuple[LabelConfig, argparse.Namespac
                          batch_size=args.batch_size, actors=args.actors, num_gpus_per_actor=args.num_gpus_per_actor,
                          cpus_per_actor=args.cpus_per_actor, threads_per_actor=args.threads_per_actor,
                          precision=args.precision, compile_model=args.compile,
-                         rows_per_file=args.rows_per_file, storage_options=storage_options_from(args))
+                         poster_roots=tuple(args.poster_roots), max_poster_bytes=args.max_poster_bytes,
+                         max_failed_fraction=args.max_failed_fraction, storage_options=storage_options_from(args))
     return config, args
 
 
@@ -130,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = label_catalog(config)
     except (CatalogError, CheckpointError, StorageError, OutputIncompleteError, FileNotFoundError,
-            ActorResourcesError) as error:
+            ActorResourcesError, FailedNightError, NightChangedError) as error:
         logger.error("%s", error)
         push_job_failure(args.pushgateway, job=LABEL_JOB, run=config.run_date,
                          name="label_last_failure_timestamp_seconds", timestamp=time.time())

@@ -69,7 +69,7 @@ def read_night(output, run_date) -> pa.Table:
 
 def test_every_movie_once_with_its_status(ray_local, catalog, checkpoint, tmp_path):
     output = tmp_path / "labels"
-    summary = label_catalog(LabelConfig(catalog=catalog, model=checkpoint, output=str(output),
+    summary = label_catalog(LabelConfig(catalog=catalog, model=checkpoint, max_failed_fraction=1.0, output=str(output),
                                         run_date="2026-11-01", batch_size=4, actors=1))
     labels = read_night(output, "2026-11-01")
     assert labels.schema.equals(labels_schema(), check_metadata=False)
@@ -84,7 +84,7 @@ def test_every_movie_once_with_its_status(ray_local, catalog, checkpoint, tmp_pa
 
 
 def test_labels_apply_the_checkpoint_thresholds(ray_local, catalog, checkpoint, tmp_path):
-    label_catalog(LabelConfig(catalog=catalog, model=checkpoint, output=str(tmp_path), run_date="2026-11-02"))
+    label_catalog(LabelConfig(catalog=catalog, model=checkpoint, max_failed_fraction=1.0, output=str(tmp_path), run_date="2026-11-02"))
     labels = read_night(tmp_path, "2026-11-02")
     thresholds = np.linspace(0.2, 0.7, len(GENRES)).round(3)
     ok_rows = [row for row in labels.to_pylist() if row["status"] == "ok"]
@@ -98,7 +98,7 @@ def test_labels_apply_the_checkpoint_thresholds(ray_local, catalog, checkpoint, 
 
 
 def test_rerunning_a_night_replaces_it(ray_local, catalog, checkpoint, tmp_path):
-    config = dict(catalog=catalog, model=checkpoint, output=str(tmp_path))
+    config = dict(catalog=catalog, model=checkpoint, output=str(tmp_path), max_failed_fraction=1.0)
     first = label_catalog(LabelConfig(**config, run_date="2026-11-03"))
     other = label_catalog(LabelConfig(**config, run_date="2026-11-04"))
     again = label_catalog(LabelConfig(**config, run_date="2026-11-03"))
@@ -106,9 +106,10 @@ def test_rerunning_a_night_replaces_it(ray_local, catalog, checkpoint, tmp_path)
     assert night.num_rows == len(EXPECTED_STATUS)
     assert set(night["run_id"].to_pylist()) == {again.run_id} != {first.run_id}
     assert set(read_night(tmp_path, "2026-11-04")["run_id"].to_pylist()) == {other.run_id}
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("_")) == [
-        "run_date=2026-11-03", "run_date=2026-11-04"]
-    assert not any((tmp_path / "_staging").rglob("*.parquet"))
+    # the root holds the committed nights and nothing else; no spool is left beside it
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "run_date=2026-11-03/labels.parquet", "run_date=2026-11-04/labels.parquet"]
+    assert not any((tmp_path.parent / f".{tmp_path.name}.staging").iterdir())
 
 
 def test_job_exit_codes_and_nothing_written_on_bad_input(ray_local, catalog, checkpoint, tmp_path, capsys):
@@ -122,13 +123,14 @@ def test_job_exit_codes_and_nothing_written_on_bad_input(ray_local, catalog, che
     no_column = job.main(["--catalog", str(tmp_path / "nocol.parquet"), "--model", checkpoint, "--output", str(out)])
     assert (no_model, duplicated, no_column) == (2, 2, 2)
     assert not out.exists()
-    ok = job.main(["--catalog", catalog, "--model", checkpoint, "--output", str(out), "--run-date", "2026-11-05"])
+    ok = job.main(["--catalog", catalog, "--model", checkpoint, "--output", str(out), "--run-date", "2026-11-05",
+                   "--max-failed-fraction", "1"])
     assert ok == 0
     assert f"output: {out}/run_date=2026-11-05" in capsys.readouterr().out
 
 
 def test_cpu_actors_share_the_node_and_leave_ray_data_a_cpu(ray_local, catalog, checkpoint):
-    config = LabelConfig(catalog=catalog, model=checkpoint, output="unused", run_date="2026-11-01")
+    config = LabelConfig(catalog=catalog, model=checkpoint, max_failed_fraction=1.0, output="unused", run_date="2026-11-01")
     # 2-CPU local Ray: by default a single-threaded actor per core, sharing the CPU Ray Data leaves
     assert resolve_actor_resources(config) == ActorResources(actors=2, cpus=0.5, threads=1)
     assert resolve_actor_resources(config, rows=1000) == ActorResources(actors=2, cpus=0.5, threads=1)
@@ -169,51 +171,35 @@ def test_actors_that_would_starve_ray_data_fail_fast(ray_local, catalog, checkpo
     assert not out.exists()
 
 
-def test_a_night_is_written_as_few_files_of_whole_row_groups(ray_local, tmp_path):
-    """Scored blocks (64 rows) are bundled into files of --rows-per-file rows, not written one file each."""
+def test_a_night_is_one_file_of_whole_row_groups(ray_local, tmp_path):
+    """Scored blocks (64 rows) are spooled into one Parquet file per night, in row groups of ROW_GROUP_ROWS."""
     catalog = write_sample_parts(tmp_path, 700, 2, seed=3)
     model = save_random_model(tmp_path / "model", image_size=32)
-
-    def night_files(rows_per_file: int | None) -> list[pq.FileMetaData]:
-        output = tmp_path / f"labels-{rows_per_file}"
-        config = LabelConfig(catalog=catalog, model=model, output=str(output), run_date="2026-11-03")
-        label_catalog(config if rows_per_file is None else replace(config, rows_per_file=rows_per_file))
-        return [pq.read_metadata(f) for f in sorted((output / "run_date=2026-11-03").glob("*.parquet"))]
-
-    (whole_night,) = night_files(None)
-    assert (whole_night.num_rows, whole_night.num_row_groups) == (700, 1)
-    bundles = sorted(f.num_rows for f in night_files(300))
-    assert sum(bundles) == 700 and len(bundles) == 3  # files of whole blocks: 320, 320 and the 60 left
-    assert min(bundles[1:]) >= 300
+    output = tmp_path / "labels"
+    label_catalog(LabelConfig(catalog=catalog, model=model, output=str(output), run_date="2026-11-03"))
+    (night,) = [pq.read_metadata(f) for f in (output / "run_date=2026-11-03").iterdir()]
+    assert (night.num_rows, night.num_row_groups) == (700, 1)
 
 
-def test_rows_per_file_flag_reaches_the_config_and_refuses_zero(capsys):
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--max-failed-fraction", "1.5", "must be between 0 and 1, got 1.5"),
+    ("--max-poster-bytes", "0", "must be at least 1, got 0"),
+    ("--cpus-per-actor", "0", "must be more than 0, got 0"),
+    ("--num-gpus-per-actor", "-1", "must be 0 or more, got -1"),
+    ("--batch-size", "-3", "must be at least 1, got -3"),
+])
+def test_numeric_flags_are_range_checked(flag, value, message, capsys):
     job = load_job("label_catalog")
-    required = ["--catalog", "c", "--model", "m", "--output", "o"]
-    config, _ = job.parse_config([*required, "--rows-per-file", "5000"])
-    assert config.rows_per_file == 5000
-    assert job.parse_config(required)[0].rows_per_file == 250_000
     with pytest.raises(SystemExit):
-        job.parse_config([*required, "--rows-per-file", "0"])
-    assert "--rows-per-file: must be at least 1, got 0" in capsys.readouterr().err
+        job.parse_config(["--catalog", "c", "--model", "m", "--output", "o", flag, value])
+    assert f"{flag}: {message}" in capsys.readouterr().err
 
 
-def test_the_catalogue_is_read_in_exact_blocks_without_a_footer_actor_pool(ray_local, tmp_path):
-    """Every block but one has DECODE_BATCH_ROWS rows (a short one would be bundled with the next into a
-    call of twice the work), read by Ray Data's first Parquet reader: the default one starts 32 actors to read
-    the footers of even one file (seconds of start-up on a small node)."""
-    catalog = write_sample_parts(tmp_path, 700, 2, seed=3)
-    context = ray_local.data.DataContext.get_current()
-    default_reader = context.use_datasource_v2
-    blocks = catalog_blocks(catalog, StorageOptions())
-    sizes = [len(block["movie_id"]) for block in blocks.iter_batches(batch_size=None)]
-    assert DECODE_BATCH_ROWS == 64 and sorted(sizes) == [60] + [64] * 10  # blocks stream in any order
-    stats = blocks.stats()
-    assert "ReadParquet" in stats and "ListFiles" not in stats
-    assert context.use_datasource_v2 == default_reader  # the process's other reads keep Ray Data's default
-
-
-def test_single_threaded_cpu_actors_score_both_calls_at_once(checkpoint):
-    """A call waiting on the model lock would idle its core at the run's end; threads or a GPU need the lock."""
-    assert isinstance(model_lock(GenrePredictor(checkpoint, device="cpu", num_threads=1)), contextlib.nullcontext)
-    assert isinstance(model_lock(GenrePredictor(checkpoint, device="cpu", num_threads=2)), type(threading.Lock()))
+def test_reliability_flags_reach_the_config():
+    job = load_job("label_catalog")
+    config, _ = job.parse_config(["--catalog", "c", "--model", "m", "--output", "o", "--poster-root", "/a",
+                                  "--poster-root", "s3://b/p", "--max-poster-bytes", "1000",
+                                  "--max-failed-fraction", "0.5"])
+    assert (config.poster_roots, config.max_poster_bytes, config.max_failed_fraction) == (("/a", "s3://b/p"), 1000, 0.5)
+    defaults, _ = job.parse_config(["--catalog", "c", "--model", "m", "--output", "o"])
+    assert (defaults.poster_roots, defaults.max_failed_fraction) == ((), 0.2)

@@ -1,0 +1,48 @@
+"""Named failpoints: places where an operator's test can kill or pause a job to prove what survives.
+
+`GENRE_PIPELINE_FAILPOINTS="commit.replacing=kill,model.pinned=pause"` arms them (the etcd/TiKV "failpoint"
+practice); unarmed, each `reached()` is one dictionary lookup. `kill` sends the process SIGKILL, as an OOM killer
+or a lost node would. `pause` creates `<GENRE_PIPELINE_FAILPOINT_DIR>/<name>.reached` and waits for
+`<name>.release` there, so a test can act at exactly that moment instead of guessing with a sleep.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "GENRE_PIPELINE_FAILPOINTS"
+DIR_ENV_VAR = "GENRE_PIPELINE_FAILPOINT_DIR"
+PAUSE_POLL_SECONDS = 0.05
+ACTIONS = ("kill", "pause")
+
+
+def armed() -> dict[str, str]:
+    """Failpoint name -> action, from the environment."""
+    spec = os.environ.get(ENV_VAR, "")
+    points = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, action = item.partition("=")
+        if action not in ACTIONS:
+            raise ValueError(f"{ENV_VAR}: {item!r}: the action must be one of {', '.join(ACTIONS)}")
+        points[name] = action
+    return points
+
+
+def reached(name: str) -> None:
+    """Run the action armed at `name`, if any."""
+    action = armed().get(name)
+    if action == "kill":
+        logger.warning("failpoint %s: killing this process", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "pause":
+        folder = Path(os.environ[DIR_ENV_VAR])
+        (folder / f"{name}.reached").touch()
+        logger.warning("failpoint %s: paused until %s exists", name, folder / f"{name}.release")
+        while not (folder / f"{name}.release").exists():
+            time.sleep(PAUSE_POLL_SECONDS)

@@ -1,0 +1,129 @@
+"""A hostile catalogue: every poster a night can meet that must not hurt it gets a status row, and the job
+commits the rest (real local Ray, the job's own entry point)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import load_job, save_random_model
+from PIL import Image
+from test_images import dds_header_only
+
+from genre_pipeline import storage
+from genre_pipeline.catalog import CATALOG_SCHEMA
+from genre_pipeline.posters import PosterPolicy, fetch_one, read_poster
+from genre_pipeline.sample import draw_poster, jpeg_bytes
+
+MAX_BYTES = 200_000
+
+
+def png_bomb() -> bytes:
+    bomb = io.BytesIO()
+    Image.new("1", (13_000, 13_000)).save(bomb, "PNG")  # ~20 KB that would decode to 169 million pixels
+    return bomb.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> dict:
+    """A catalogue folder with good posters and, beside them, everything a catalogue row could point at."""
+    root = tmp_path_factory.mktemp("hostile")
+    posters, outside = root / "posters", root.parent / f"{root.name}-outside"
+    posters.mkdir()
+    outside.mkdir()
+    rng = np.random.default_rng(1)
+    uris: dict[int, str] = {}
+    for movie_id in range(1, 61):  # good posters: the night must still be published
+        path = posters / f"{movie_id}.jpg"
+        path.write_bytes(jpeg_bytes(draw_poster(["Drama"], rng, (60, 90))))
+        uris[movie_id] = str(path)
+    (posters / "dds.jpg").write_bytes(dds_header_only())
+    (posters / "bomb.png").write_bytes(png_bomb())
+    (posters / "big.jpg").write_bytes(os.urandom(MAX_BYTES + 1))
+    os.mkfifo(posters / "fifo.jpg")
+    (outside / "secret.jpg").write_bytes(jpeg_bytes(draw_poster(["Drama"], rng, (60, 90))))
+    (posters / "escape.jpg").symlink_to(outside / "secret.jpg")
+    (posters / "zero.jpg").symlink_to("/dev/zero")
+    hostile_uris = {
+        101: (str(posters / "dds.jpg"), "unreadable_poster"),
+        102: (str(posters / "bomb.png"), "unreadable_poster"),
+        103: (str(posters / "big.jpg"), "refused_poster"),
+        104: (str(posters / "fifo.jpg"), "refused_poster"),
+        105: ("/dev/zero", "refused_poster"),
+        106: ("/etc/passwd", "refused_poster"),
+        107: (f"{posters}/../../{outside.name}/secret.jpg", "refused_poster"),
+        108: ("file:///proc/self/environ", "refused_poster"),
+        109: (str(posters / "escape.jpg"), "refused_poster"),
+        110: (str(posters / "zero.jpg"), "refused_poster"),
+    }
+    expected = {movie_id: "ok" for movie_id in uris} | {i: status for i, (_, status) in hostile_uris.items()}
+    uris |= {i: uri for i, (uri, _) in hostile_uris.items()}
+    ids = sorted(uris)
+    table = pa.table({"movie_id": ids, "title": [f"Movie {i}" for i in ids], "year": [2000] * len(ids),
+                      "genres": [["Drama"]] * len(ids), "poster_uri": [uris[i] for i in ids],
+                      "split": ["test"] * len(ids)}, schema=CATALOG_SCHEMA)
+    pq.write_table(table, root / "catalog.parquet")
+    return {"catalog": str(root / "catalog.parquet"), "model": save_random_model(root / "model"),
+            "posters": posters, "outside": outside, "expected": expected, "root": root}
+
+
+def test_every_hostile_poster_gets_a_status_and_the_night_commits(ray_local, hostile, tmp_path):
+    output = tmp_path / "labels"
+    code = load_job("label_catalog").main([
+        "--catalog", hostile["catalog"], "--model", hostile["model"], "--output", str(output),
+        "--run-date", "2026-11-30", "--max-poster-bytes", str(MAX_BYTES)])
+    assert code == 0
+    night = pq.read_table(output / "run_date=2026-11-30" / "labels.parquet").to_pylist()
+    assert {row["movie_id"]: row["status"] for row in night} == hostile["expected"]
+    errors = {row["movie_id"]: row["error"] for row in night}
+    assert "outside the poster roots" in errors[106] and "outside the poster roots" in errors[107]
+    assert "not a regular file" in errors[104]
+    assert f"over --max-poster-bytes {MAX_BYTES:,}" in errors[103]
+    assert "pixels is more than a poster's" in errors[102]
+
+
+def test_default_root_is_the_catalogue_folder_and_roots_are_checked_after_resolving(hostile):
+    policy = PosterPolicy.under([str(hostile["root"])])
+    inside = fetch_one(str(hostile["posters"] / "1.jpg"), storage.StorageOptions(), policy)
+    assert inside[1] == "ok"
+    for uri in (str(hostile["posters"] / "escape.jpg"), f"{hostile['posters']}/../../{hostile['outside'].name}/x"):
+        data, status, error = fetch_one(uri, storage.StorageOptions(), policy)
+        assert (data, status) == (None, "refused_poster") and "outside the poster roots" in error
+    # a root given explicitly admits its posters, symlinked or not
+    widened = PosterPolicy.under([str(hostile["root"]), str(hostile["outside"])])
+    assert fetch_one(str(hostile["posters"] / "escape.jpg"), storage.StorageOptions(), widened)[1] == "ok"
+
+
+def test_s3_keys_are_checked_after_folding_dot_dot():
+    policy = PosterPolicy.under(["s3://bucket/posters"])
+    for uri in ("s3://bucket/posters/../secrets/key.jpg", "s3://bucket/posters-other/a.jpg", "s3://other/posters/a"):
+        with pytest.raises(Exception, match="outside the poster roots"):
+            read_poster(uri, storage.StorageOptions(), policy)
+
+
+def test_fetch_errors_are_written_without_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    data, status, error = fetch_one("https://user:p4ssw0rd@cdn.example/1.jpg", storage.StorageOptions(),
+                                    PosterPolicy())
+    assert (data, status) == (None, "fetch_failed")
+    assert error == "https://***@cdn.example/1.jpg: StorageError: https://***@cdn.example/1.jpg: unsupported " \
+                    "scheme 'https'; use a local path or s3://bucket/prefix"
+    assert storage.redact("key s3cr3t-value in http://a:b@host/x") == "key *** in http://***@host/x"
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    data, status, error = fetch_one(str(tmp_path / "pipe.jpg"), storage.StorageOptions(), PosterPolicy())
+    assert (data, status) == (None, "refused_poster") and "not a regular file" in error
+
+
+def test_nothing_beyond_the_cap_is_read(tmp_path: Path):
+    (tmp_path / "p.jpg").write_bytes(b"x" * 1000)
+    assert read_poster(str(tmp_path / "p.jpg"), storage.StorageOptions(), PosterPolicy(max_bytes=1000)) == b"x" * 1000
+    data, status, error = fetch_one(str(tmp_path / "p.jpg"), storage.StorageOptions(), PosterPolicy(max_bytes=999))
+    assert (data, status) == (None, "refused_poster") and "1,000 bytes, over --max-poster-bytes 999" in error
