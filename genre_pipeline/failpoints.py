@@ -1,9 +1,10 @@
 """Named failpoints: places where an operator's test can kill or pause a job to prove what survives.
 
 `GENRE_PIPELINE_FAILPOINTS="commit.replacing=kill,model.pinned=pause"` arms them (the etcd/TiKV "failpoint"
-practice); unarmed, each `reached()` is one dictionary lookup. `kill` sends the process SIGKILL, as an OOM killer
-or a lost node would. `pause` creates `<GENRE_PIPELINE_FAILPOINT_DIR>/<name>.reached` and waits for
-`<name>.release` there, so a test can act at exactly that moment instead of guessing with a sleep.
+practice); unarmed, each `reached()` only reads one environment variable. `kill` sends the process SIGKILL, as
+an OOM killer or a lost node would; `raise` raises `FailpointError`, as a bug or a bad input would. `pause`
+creates `<GENRE_PIPELINE_FAILPOINT_DIR>/<name>.reached` and waits for `<name>.release` there,
+so a test can act at exactly that moment instead of guessing with a sleep.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "GENRE_PIPELINE_FAILPOINTS"
 DIR_ENV_VAR = "GENRE_PIPELINE_FAILPOINT_DIR"
 PAUSE_POLL_SECONDS = 0.05
-ACTIONS = ("kill", "pause")
+ACTIONS = ("kill", "raise", "pause")
+
+
+class FailpointError(RuntimeError):
+    """Raised where a `raise` failpoint is armed."""
 
 
 def armed() -> dict[str, str]:
@@ -40,6 +45,8 @@ def reached(name: str) -> None:
     if action == "kill":
         logger.warning("failpoint %s: killing this process", name)
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "raise":
+        raise FailpointError(f"failpoint {name}")
     elif action == "pause":
         folder = Path(os.environ[DIR_ENV_VAR])
         (folder / f"{name}.reached").touch()

@@ -17,7 +17,7 @@ from datetime import datetime
 import numpy as np
 import pyarrow as pa
 
-from genre_pipeline import storage
+from genre_pipeline import failpoints, storage
 from genre_pipeline.inference import GenrePredictor
 from genre_pipeline.labels import STATUS_INFERENCE_FAILED, STATUS_OK, to_label_table
 from genre_pipeline.posters import Batch, PosterPolicy, decode_posters, fetch_posters
@@ -75,6 +75,7 @@ class PosterLabeller:
             batch = fetch_posters(batch, options=self.storage_options, policy=self.poster_policy)
             batch = decode_posters(batch, image_size=self.predictor.spec.shape, pool=self.decode_pool)
         try:
+            failpoints.reached("labeller.score")
             with self.model_lock:
                 scored = self.predictor(batch, forward_batch=self.forward_batch)
         except Exception as error:  # one block the model cannot score must not end the night

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = LabelConfig(catalog="", model="", output="", run_date="")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--catalog", required=True, help="catalogue Parquet file or directory (local or s3://)")
-    p.add_argument("--model", required=True, help="checkpoint directory, or a published model folder (<storage-path>/<name>/model) whose "
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory, or a published model folder (<storage-path>/<name>/model) whose "
                         "pointer names a version; resolved once per run and its weights digest-checked")
     p.add_argument("--output", required=True, help="labels root; the night goes to <output>/run_date=<date>/")
     p.add_argument("--run-date", type=run_date, default=datetime.now(timezone.utc).date().isoformat(),

@@ -84,7 +84,8 @@ def test_every_movie_once_with_its_status(ray_local, catalog, checkpoint, tmp_pa
 
 
 def test_labels_apply_the_checkpoint_thresholds(ray_local, catalog, checkpoint, tmp_path):
-    label_catalog(LabelConfig(catalog=catalog, model=checkpoint, max_failed_fraction=1.0, output=str(tmp_path), run_date="2026-11-02"))
+    label_catalog(LabelConfig(catalog=catalog, model=checkpoint, max_failed_fraction=1.0, output=str(tmp_path),
+                              run_date="2026-11-02"))
     labels = read_night(tmp_path, "2026-11-02")
     thresholds = np.linspace(0.2, 0.7, len(GENRES)).round(3)
     ok_rows = [row for row in labels.to_pylist() if row["status"] == "ok"]
@@ -130,7 +131,7 @@ def test_job_exit_codes_and_nothing_written_on_bad_input(ray_local, catalog, che
 
 
 def test_cpu_actors_share_the_node_and_leave_ray_data_a_cpu(ray_local, catalog, checkpoint):
-    config = LabelConfig(catalog=catalog, model=checkpoint, max_failed_fraction=1.0, output="unused", run_date="2026-11-01")
+    config = LabelConfig(catalog=catalog, model=checkpoint, output="unused", run_date="2026-11-01")
     # 2-CPU local Ray: by default a single-threaded actor per core, sharing the CPU Ray Data leaves
     assert resolve_actor_resources(config) == ActorResources(actors=2, cpus=0.5, threads=1)
     assert resolve_actor_resources(config, rows=1000) == ActorResources(actors=2, cpus=0.5, threads=1)
@@ -200,6 +201,28 @@ def test_reliability_flags_reach_the_config():
     config, _ = job.parse_config(["--catalog", "c", "--model", "m", "--output", "o", "--poster-root", "/a",
                                   "--poster-root", "s3://b/p", "--max-poster-bytes", "1000",
                                   "--max-failed-fraction", "0.5"])
-    assert (config.poster_roots, config.max_poster_bytes, config.max_failed_fraction) == (("/a", "s3://b/p"), 1000, 0.5)
+    assert config.poster_roots == ("/a", "s3://b/p")
+    assert (config.max_poster_bytes, config.max_failed_fraction) == (1000, 0.5)
     defaults, _ = job.parse_config(["--catalog", "c", "--model", "m", "--output", "o"])
     assert (defaults.poster_roots, defaults.max_failed_fraction) == ((), 0.2)
+
+
+def test_the_catalogue_is_read_in_exact_blocks_without_a_footer_actor_pool(ray_local, tmp_path):
+    """Every block but one has DECODE_BATCH_ROWS rows (a short one would be bundled with the next into a
+    call of twice the work), read by Ray Data's first Parquet reader: the default one starts 32 actors to read
+    the footers of even one file (seconds of start-up on a small node)."""
+    catalog = write_sample_parts(tmp_path, 700, 2, seed=3)
+    context = ray_local.data.DataContext.get_current()
+    default_reader = context.use_datasource_v2
+    blocks = catalog_blocks(catalog, StorageOptions())
+    sizes = [len(block["movie_id"]) for block in blocks.iter_batches(batch_size=None)]
+    assert DECODE_BATCH_ROWS == 64 and sorted(sizes) == [60] + [64] * 10  # blocks stream in any order
+    stats = blocks.stats()
+    assert "ReadParquet" in stats and "ListFiles" not in stats
+    assert context.use_datasource_v2 == default_reader  # the process's other reads keep Ray Data's default
+
+
+def test_single_threaded_cpu_actors_score_both_calls_at_once(checkpoint):
+    """A call waiting on the model lock would idle its core at the run's end; threads or a GPU need the lock."""
+    assert isinstance(model_lock(GenrePredictor(checkpoint, device="cpu", num_threads=1)), contextlib.nullcontext)
+    assert isinstance(model_lock(GenrePredictor(checkpoint, device="cpu", num_threads=2)), type(threading.Lock()))
