@@ -295,10 +295,10 @@ def score_posters(posters: ray.data.Dataset, config: LabelConfig, model: PinnedM
     )
 
 
-def check_failures(spool: NightSpool, rows_by_status: dict[str, int], max_fraction: float) -> None:
+def check_failures(spool: NightSpool, max_fraction: float) -> None:
     """Refuse to publish a night in which more than `max_fraction` of the posters failed."""
     if spool.posters and spool.failed_posters / spool.posters > max_fraction:
-        failed = {s: n for s, n in sorted(rows_by_status.items()) if s != STATUS_OK}
+        failed = dict(sorted(spool.failed_by_status.items()))
         raise FailedNightError(
             f"{spool.failed_posters} of {spool.posters} posters failed ({failed}; first error: {spool.first_error}), "
             f"more than --max-failed-fraction {max_fraction:g}: a systemic fault (credentials, endpoint, poster "
@@ -326,7 +326,7 @@ def label_catalog(config: LabelConfig) -> LabelSummary:
             spool.write(block)
         rows_by_status = spool.close(expected_rows)
         failpoints.reached("commit.spooled")
-        check_failures(spool, rows_by_status, config.max_failed_fraction)
+        check_failures(spool, config.max_failed_fraction)
         store.commit(spool.path, seen)
     return LabelSummary(store.partition_uri, run_id, model.meta.model_version, rows_by_status,
                         time.monotonic() - started)

@@ -69,7 +69,7 @@ class NightSpool:
         self.statuses: Counter[str] = Counter()
         self.movie_ids: list[np.ndarray] = []
         self.posters = 0  # rows with a poster_uri
-        self.failed_posters = 0  # of those, rows not scored
+        self.failed_by_status: Counter[str] = Counter()  # of those, the rows not scored
         self.first_error: str | None = None
 
     def write(self, table: pa.Table) -> None:
@@ -80,7 +80,7 @@ class NightSpool:
         failed = [i for i, (status, has) in enumerate(zip(statuses, with_poster, strict=True))
                   if has and status != STATUS_OK]
         self.posters += sum(with_poster)
-        self.failed_posters += len(failed)
+        self.failed_by_status.update(statuses[i] for i in failed)
         if failed and self.first_error is None:
             self.first_error = table.column("error")[failed[0]].as_py()
         self.movie_ids.append(table.column("movie_id").to_numpy())
@@ -93,6 +93,10 @@ class NightSpool:
         if self.pending:
             self.writer.write_table(pa.concat_tables(self.pending), row_group_size=ROW_GROUP_ROWS)
         self.pending, self.pending_rows = [], 0
+
+    @property
+    def failed_posters(self) -> int:
+        return sum(self.failed_by_status.values())
 
     def close(self, expected_rows: int) -> dict[str, int]:
         """Finish the file; rows by status, once every catalogue row is there exactly once."""

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
@@ -20,6 +23,7 @@ from genre_pipeline.training import (
     TRAIN_FEATURES_DATASET,
     VAL_DATASET,
     LoopConfig,
+    recipe_of,
     train_loop_per_worker,
 )
 from genre_pipeline.training_data import (
@@ -37,6 +41,26 @@ PUBLISHED_MODEL_DIR = "model"  # <storage-path>/<name>/model: the stable URI the
 
 # Head phase length when the backbone starts pretrained: cheap (cached features), stopped early on validation.
 PRETRAINED_HEAD_EPOCHS = 100
+MIN_IMAGE_SIZE = 16  # pixels; the models' strides leave nothing to classify below it
+# A lost worker (OOM, preempted node) restarts the workers from the last checkpoint this many times.
+MAX_WORKER_FAILURES = 3
+# Ray Data decodes the posters beside the workers: it needs a CPU the workers do not reserve.
+DATA_CPU_RESERVE = 1.0
+# How long a joined cluster may take to offer the workers' resources (KubeRay worker pods still starting).
+RESOURCE_WAIT_SECONDS = 300
+POLL_SECONDS = 2.0
+# Settings a resumed run must share with its checkpoints: the others would be ignored (optimizer state and
+# schedule come from the checkpoint) or would train a different model.
+RESUME_FIXED = ("arch", "data_fingerprint", "lr", "weight_decay", "head_lr", "head_epochs", "backbone_lr_scale",
+                "batch_size", "class_weighting", "seed", "threshold_objective")
+
+
+class TrainResourcesError(ValueError):
+    """Worker sizes the cluster cannot run beside Ray Data's decoding: the run would wait forever."""
+
+
+class ResumeMismatchError(ValueError):
+    """A run name resumed with settings or data that differ from its checkpoints."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +113,22 @@ class TrainJobConfig:
                              f"(arch {self.arch!r} starts from random weights); pass --head-epochs 0")
         if self.epochs == 0 and self.resolved_head_epochs == 0:
             raise ValueError("--epochs 0 and no head phase: nothing would be trained")
+        self.check_ranges()
+
+    def check_ranges(self) -> None:
+        def flag(name: str) -> str:
+            return f"--{name.replace('_', '-')} {getattr(self, name)}"
+
+        for name in ("epochs", "patience", "seed", "weight_decay", "head_epochs"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{flag(name)}: must be 0 or more")
+        for name in ("batch_size", "num_workers", "lr", "head_lr", "cpus_per_worker", "backbone_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag(name)}: must be more than 0")
+        if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"{flag('image_size')}: must be at least {MIN_IMAGE_SIZE}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"{flag('val_fraction')}: must be between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -115,6 +155,61 @@ def loop_config(config: TrainJobConfig, train_rows, val_rows) -> LoopConfig:
     )
 
 
+def check_resources(config: TrainJobConfig, wait_seconds: float) -> None:
+    """Refuse worker sizes that leave Ray Data no CPU, or that no node can hold; a joined cluster gets
+    `wait_seconds` for its nodes to appear first."""
+    needed_cpus = config.num_workers * config.cpus_per_worker + DATA_CPU_RESERVE
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        cpus, gpus = sum(n.get("CPU", 0.0) for n in nodes), sum(n.get("GPU", 0.0) for n in nodes)
+        largest = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+        enough = (cpus >= needed_cpus and largest >= config.cpus_per_worker
+                  and (not config.use_gpu or gpus >= config.num_workers))
+        if enough:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_SECONDS)
+    fitting = max(0.1, (cpus - DATA_CPU_RESERVE) / config.num_workers)
+    raise TrainResourcesError(
+        f"--num-workers {config.num_workers} x --cpus-per-worker {config.cpus_per_worker:g} "
+        f"{'(and a GPU each) ' if config.use_gpu else ''}needs {needed_cpus:g} CPUs with the "
+        f"{DATA_CPU_RESERVE:g} Ray Data decodes posters on, but the cluster has {cpus:g} CPUs and {gpus:g} GPUs: "
+        f"the run would wait forever. Try --cpus-per-worker {fitting:.2g} or fewer workers.")
+
+
+def latest_checkpoint_meta(config: TrainJobConfig) -> ModelMeta | None:
+    """The meta of the run's newest checkpoint, if the run name has any (a resume)."""
+    fs, root = storage.fsspec_filesystem(storage.join(config.storage_path, config.name), config.storage_options)
+    try:
+        folders = sorted(p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("checkpoint_"))
+    except FileNotFoundError:
+        return None
+    for folder in reversed(folders):
+        if fs.exists(f"{folder}/{META_FILE}"):
+            return ModelMeta.from_json(fs.cat_file(f"{folder}/{META_FILE}").decode())
+    return None
+
+
+def check_resume(config: TrainJobConfig, loop: LoopConfig) -> None:
+    """A run name resumes only with the data and settings its checkpoints were made with."""
+    saved = latest_checkpoint_meta(config)
+    if saved is None:
+        return
+    now = {"arch": loop.arch, "data_fingerprint": loop.data_fingerprint,
+           "threshold_objective": loop.threshold_objective, **recipe_of(loop)}
+    was = {"arch": saved.arch, "data_fingerprint": saved.data_fingerprint,
+           "threshold_objective": saved.threshold_objective, **saved.recipe}
+    changed = [f"{key}: {was[key]!r} -> {now[key]!r}" for key in RESUME_FIXED
+               if key in was and was[key] != now.get(key)]
+    if changed:
+        raise ResumeMismatchError(
+            f"run {config.name!r} in {config.storage_path} was trained with other settings or data "
+            f"({'; '.join(changed)}); resuming would mix them. Re-run with its settings, or start a new run "
+            "with another --name.")
+
+
 def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
     config.validate()
     rows = load_training_rows(config.catalog, config.storage_options)
@@ -122,6 +217,9 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
     if val_rows.num_rows == 0:
         raise ValueError(f"{config.catalog}: --val-fraction {config.val_fraction} leaves no validation rows")
     loop = loop_config(config, train_rows, val_rows)
+    check_resume(config, loop)
+    # A Ray this job started itself cannot grow; a joined cluster may still be adding nodes.
+    check_resources(config, RESOURCE_WAIT_SECONDS if os.environ.get("RAY_ADDRESS") else 0)
     logger.info("training on %d posters, validating on %d", train_rows.num_rows, val_rows.num_rows)
     size = loop.preprocess.shape
 
@@ -142,6 +240,7 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=path, storage_filesystem=fs,
             worker_runtime_env={"env_vars": TORCH_WORKER_ENV},
+            failure_config=ray.train.FailureConfig(max_failures=MAX_WORKER_FAILURES),
             # Keep the best epoch (what gets published) and the latest (what resuming needs).
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=loop.monitor, checkpoint_score_order="max"),

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from genre_pipeline import storage
+from genre_pipeline import failpoints, storage
 from genre_pipeline.checkpoints import ModelMeta, runtime_versions, save_checkpoint
 from genre_pipeline.evaluation import metrics_line, summary_metrics, tune_thresholds
 from genre_pipeline.head_training import Features, extract_features, merge_features, train_head
@@ -218,6 +218,7 @@ def report_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
             logger.info("epoch %d: %s", state.epoch, metrics_line(metrics))
         ray.train.report({**metrics, "epoch": state.epoch, "resumed_from_epoch": state.resumed_from},
                          checkpoint=checkpoint)
+    failpoints.reached("train.epoch_reported")
 
 
 DTYPES = {"image": torch.uint8, "target": torch.float32}

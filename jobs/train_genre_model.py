@@ -131,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     config, args = parse_config(argv)
     started = time.monotonic()
     try:
+        config.validate()
         check_storage(config)
         init_ray()
         summary = run_training(config)
     except (WeightsUnavailableError, ValueError, FileNotFoundError, storage.StorageError) as error:
+        # ValueError includes TrainResourcesError and ResumeMismatchError
         logger.error("%s", error)
         push_job_failure(args.pushgateway, job=TRAIN_JOB, run=config.name,
                          name="train_last_failure_timestamp_seconds", timestamp=time.time())

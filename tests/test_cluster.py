@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
@@ -26,6 +22,8 @@ from ray_nodes import (
     stop_nodes,
     wait_until,
 )
+
+from genre_pipeline.failpoints import DIR_ENV_VAR, ENV_VAR
 
 MOVIES, PARTS = 600, 6
 # Each node offers 3 logical CPUs; an actor takes 2, so the pool of 2 lands one actor per node and each node
@@ -74,10 +72,11 @@ def inputs(tmp_path_factory) -> dict[str, str]:
             "model": save_random_model(root / "model", image_size=96), "root": str(root)}
 
 
-def submit(cluster: Cluster, inputs: dict[str, str], output: str) -> str:
+def submit(cluster: Cluster, inputs: dict[str, str], output: str, failpoints: dict[str, str] | None = None) -> str:
     job_id = f"genre-label-{uuid.uuid4().hex[:8]}"
+    runtime_env = json.dumps({"env_vars": failpoints or {}})
     args = ("job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--submission-id", job_id,
-            "--no-wait", "--",
+            "--runtime-env-json", runtime_env, "--no-wait", "--",
             "python", "jobs/label_catalog.py", "--catalog", inputs["catalog"], "--model", inputs["model"],
             "--output", output, "--run-date", "2026-11-21", "--batch-size", "16", "--actors", "2",
             "--cpus-per-actor", str(ACTOR_CPUS))
@@ -112,58 +111,6 @@ def predictor_actors(cluster: Cluster) -> list[dict]:
     return [a for a in json.loads(listed.stdout) if "PosterLabeller" in a.get("class_name", "")]
 
 
-def pids_reading(path: Path) -> set[int]:
-    readers = set()
-    for fd in Path("/proc").glob("[0-9]*/fd/*"):
-        with contextlib.suppress(OSError):
-            if os.readlink(fd) == str(path):
-                readers.add(int(fd.parts[2]))
-    return readers
-
-
-class PosterGates:
-    """Posters served through named pipes. A job's read of one blocks until the test serves it, so the test
-    sees which process reads which poster and holds the job there while it breaks the cluster. Every reader,
-    a retried one too, gets the poster's bytes."""
-
-    def __init__(self, posters: list[Path]) -> None:
-        self.data = {poster: poster.read_bytes() for poster in posters}
-        for poster in posters:
-            poster.unlink()
-            os.mkfifo(poster)
-        self.held: list[tuple[Path, int]] = []  # (poster, write end) of readers waiting to be served
-        self.stopped = threading.Event()
-
-    def admit_readers(self) -> None:
-        """Hold every process that has started to read a gated poster (its open completes, its read waits)."""
-        for poster in self.data:
-            with contextlib.suppress(OSError):  # ENXIO: nobody reads it now
-                fd = os.open(poster, os.O_WRONLY | os.O_NONBLOCK)
-                os.set_blocking(fd, True)
-                self.held.append((poster, fd))
-
-    def held_readers(self) -> set[int]:
-        return set().union(*(pids_reading(poster) for poster, _ in self.held))
-
-    def serve_held(self) -> None:
-        for poster, fd in self.held:
-            with contextlib.suppress(BrokenPipeError):  # that reader died with its node; its retry reads again
-                os.write(fd, self.data[poster])  # a few KB: fits the pipe's buffer
-            os.close(fd)
-        self.held = []
-
-    def serve_forever(self) -> None:
-        while not self.stopped.wait(0.05):
-            self.admit_readers()
-            self.serve_held()
-
-    def restore(self) -> None:
-        self.stopped.set()
-        for poster, data in self.data.items():
-            poster.unlink()
-            poster.write_bytes(data)
-
-
 def assert_one_row_per_movie(output: str) -> None:
     labels = pads.dataset(f"{output}/run_date=2026-11-21", format="parquet").to_table(columns=["movie_id"])
     assert labels.num_rows == MOVIES
@@ -184,35 +131,30 @@ def test_submitted_job_uses_both_nodes(cluster, inputs):
 
 
 @pytest.mark.slow
-def test_losing_a_node_mid_run_still_labels_every_movie_once(cluster, inputs):
-    """The worker node dies while its labelling actor is reading a poster: the actor and its in-flight blocks
-    are lost, and the job must still commit every movie exactly once."""
+def test_losing_a_node_mid_run_still_labels_every_movie_once(cluster, inputs, tmp_path):
+    """The worker node dies while its labelling actor is scoring a block: the actor and its in-flight blocks
+    are lost, and the job must still commit every movie exactly once. The actors pause at the
+    `labeller.score` failpoint, so the test knows the worker node's actor holds a block when it kills it."""
     output = f"{inputs['root']}/labels-node-lost"
-    uris = pads.dataset(inputs["catalog"], format="parquet").to_table(columns=["poster_uri"])["poster_uri"]
-    # Every 32nd poster is gated, so every 64-row block waits on one: no actor gets past its first block
-    # until the test lets it.
-    gates = PosterGates([Path(uri) for uri in uris.drop_null().to_pylist()[::32]])
     raylets = pids_matching(f"node_manager_port={cluster.worker_node_manager_port}")
     assert raylets, "the worker node's raylet was not found"
-    serving = threading.Thread(target=gates.serve_forever, daemon=True)
-    try:
-        job_id = submit(cluster, inputs, output)
+    pauses = tmp_path / "pauses"
+    pauses.mkdir()
+    job_id = submit(cluster, inputs, output, failpoints={ENV_VAR: "labeller.score=pause", DIR_ENV_VAR: str(pauses)})
 
-        def worker_node_reads() -> bool:
-            gates.admit_readers()
-            return bool(gates.held_readers() & set().union(*(descendants(pid) for pid in raylets)))
+    def worker_node_scores() -> bool:
+        reached = pauses / "labeller.score.reached"
+        paused = {int(pid) for pid in reached.read_text().split()} if reached.exists() else set()
+        return bool(paused & set().union(*(descendants(pid) for pid in raylets)))
 
-        wait_until(worker_node_reads, "the worker node's labelling actor reads a gated poster")
-        assert not finished(job_status(cluster, job_id)), "the job ended while posters were held"
-        for pid in raylets:
-            kill_tree(pid)
-        gates.serve_held()
-        serving.start()
-        status = wait_for_job(cluster, job_id)
-    finally:
-        gates.restore()
+    wait_until(worker_node_scores, "the worker node's labelling actor holds a block")
+    assert not finished(job_status(cluster, job_id)), "the job ended while its actors were paused"
+    for pid in raylets:
+        kill_tree(pid)
+    (pauses / "labeller.score.release").touch()
+    status = wait_for_job(cluster, job_id)
     logs = ray_cli("job", "logs", "--address", cluster.dashboard, job_id, env=cluster.env).stdout
     assert f"Job '{job_id}' succeeded" in status, logs[-3000:]
     assert_one_row_per_movie(output)
     labels = pads.dataset(f"{output}/run_date=2026-11-21", format="parquet").to_table().to_pylist()
-    assert {row["status"] for row in labels if Path(row["poster_uri"] or "") in gates.data} == {"ok"}
+    assert {row["status"] for row in labels if row["poster_uri"]} == {"ok"}

@@ -160,7 +160,8 @@ def test_label_job_outcome_reaches_prometheus(ray_local, monitoring, label_input
     catalog, model = label_inputs
     started = time.time()
     code = load_job("label_catalog").main(["--catalog", catalog, "--model", model, "--output", str(tmp_path),
-                                           "--run-date", "2026-11-20", "--pushgateway", monitoring.pushgateway])
+                                           "--run-date", "2026-11-20", "--pushgateway", monitoring.pushgateway,
+                                           "--max-failed-fraction", "1"])
     assert code == 0
     printed = LABELLED.search(capsys.readouterr().out)
     assert printed, "the job's summary line changed"
@@ -199,7 +200,8 @@ def test_pushgateway_down_warns_and_the_labels_are_still_written(ray_local, labe
     gateway = f"127.0.0.1:{closed_port()}"
     with caplog.at_level(logging.WARNING):
         code = load_job("label_catalog").main(["--catalog", catalog, "--model", model, "--output", str(tmp_path),
-                                               "--run-date", "2026-11-22", "--pushgateway", gateway])
+                                               "--run-date", "2026-11-22", "--pushgateway", gateway,
+                                               "--max-failed-fraction", "1"])
     assert code == 0
     assert f"could not push metrics to the Pushgateway at {gateway}" in caplog.text
     labels = pads.dataset(tmp_path / "run_date=2026-11-22", format="parquet").to_table()

@@ -163,3 +163,38 @@ def test_an_epoch_reports_its_rows_and_time_for_throughput():
     result = train_one_epoch(model, batches, optimizer, torch.nn.BCEWithLogitsLoss(), config)
     assert result.rows == 11 and result.seconds > 0 and np.isfinite(result.loss)
     assert global_rows(result.rows) == 11  # a single process: its own rows
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_data_or_optimiser_settings_is_refused(ray_local, sample_catalog, tmp_path, caplog):
+    job = load_job("train_genre_model")
+    command = ["--catalog", str(sample_catalog), *COMMON, "--storage-path", str(tmp_path), "--name", "fixed"]
+    assert job.main([*command, "--epochs", "1"]) == 0
+    before = sorted(p.name for p in (tmp_path / "fixed").iterdir())
+    assert job.main([*command, "--epochs", "2", "--lr", "1e-2"]) == 2
+    assert "lr: 0.003 -> 0.01" in caplog.text and "another --name" in caplog.text
+    changed_data = [*command, "--epochs", "2", "--val-fraction", "0.3"]
+    assert job.main(changed_data) == 2
+    assert "data_fingerprint" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "fixed").iterdir()) == before  # nothing trained or published
+
+
+def test_worker_sizes_that_leave_ray_data_no_cpu_are_refused_at_once(ray_local, sample_catalog, tmp_path, caplog):
+    job = load_job("train_genre_model")
+    code = job.main(["--catalog", str(sample_catalog), "--storage-path", str(tmp_path), "--name", "starved",
+                     "--arch", "cnn", "--head-epochs", "0", "--num-workers", "2", "--cpus-per-worker", "1"])
+    assert code == 2
+    assert "needs 3 CPUs with the 1 Ray Data decodes posters on, but the cluster has 2 CPUs" in caplog.text
+    assert "Try --cpus-per-worker 0.5" in caplog.text
+    assert not (tmp_path / "starved").exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--epochs", "-1"), ("--lr", "0"), ("--batch-size", "0"),
+                                             ("--val-fraction", "1"), ("--cpus-per-worker", "0"),
+                                             ("--image-size", "4"), ("--num-workers", "0")])
+def test_numeric_training_flags_are_range_checked(flag, value, tmp_path, caplog):
+    job = load_job("train_genre_model")
+    code = job.main(["--catalog", str(tmp_path / "none.parquet"), "--storage-path", str(tmp_path), "--name", "x",
+                     "--arch", "cnn", "--head-epochs", "0", flag, value])
+    assert code == 2
+    assert f"{flag} {float(value):g}" in caplog.text.replace(".0:", ":") and "must be" in caplog.text
