@@ -36,10 +36,14 @@ DECODE_BATCH_ROWS = 64
 # Reading the catalogue (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter
 # of a CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
 IO_TASK_CPUS = 0.25
-# Bounded retries: a label actor that dies (OOM, lost node) is restarted and its blocks retried this many times;
-# a fault that keeps coming back then fails the run instead of looping all night.
+# Bounded retries: a label actor that dies (OOM, lost node) is restarted this many times, a fetch or decode task
+# retried this many; a fault that keeps coming back then fails the run instead of looping all night.
 ACTOR_MAX_RESTARTS = 4
 TASK_MAX_RETRIES = 4
+# An actor's block is retried for as long as the actor can still restart (restarts bound it): while a lost node
+# is not yet declared dead, each retry fails at once, and a count of retries would run out within the detection
+# window (seen in tests/test_cluster.py).
+ACTOR_TASK_MAX_RETRIES = -1
 # More posters than this failing (fetch, decode, refusal, scoring) means a systemic fault (credentials, endpoint,
 # poster roots), not bad posters: the night is not committed.
 DEFAULT_MAX_FAILED_FRACTION = 0.2
@@ -290,7 +294,7 @@ def score_posters(posters: ray.data.Dataset, config: LabelConfig, model: PinnedM
         num_gpus=config.num_gpus_per_actor,
         num_cpus=resources.cpus,
         max_restarts=ACTOR_MAX_RESTARTS,
-        max_task_retries=TASK_MAX_RETRIES,
+        max_task_retries=ACTOR_TASK_MAX_RETRIES,
         runtime_env={"env_vars": TORCH_WORKER_ENV},
     )
 

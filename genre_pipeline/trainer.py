@@ -51,8 +51,8 @@ RESOURCE_WAIT_SECONDS = 300
 POLL_SECONDS = 2.0
 # Settings a resumed run must share with its checkpoints: the others would be ignored (optimizer state and
 # schedule come from the checkpoint) or would train a different model.
-RESUME_FIXED = ("arch", "data_fingerprint", "lr", "weight_decay", "head_lr", "head_epochs", "backbone_lr_scale",
-                "batch_size", "class_weighting", "seed", "threshold_objective")
+RESUME_FIXED = ("arch", "data_fingerprint", "image_size", "lr", "weight_decay", "head_lr", "head_epochs",
+                "backbone_lr_scale", "batch_size", "class_weighting", "seed", "threshold_objective")
 
 
 class TrainResourcesError(ValueError):
@@ -197,9 +197,9 @@ def check_resume(config: TrainJobConfig, loop: LoopConfig) -> None:
     saved = latest_checkpoint_meta(config)
     if saved is None:
         return
-    now = {"arch": loop.arch, "data_fingerprint": loop.data_fingerprint,
+    now = {"arch": loop.arch, "data_fingerprint": loop.data_fingerprint, "image_size": loop.preprocess.image_size,
            "threshold_objective": loop.threshold_objective, **recipe_of(loop)}
-    was = {"arch": saved.arch, "data_fingerprint": saved.data_fingerprint,
+    was = {"arch": saved.arch, "data_fingerprint": saved.data_fingerprint, "image_size": saved.preprocess.image_size,
            "threshold_objective": saved.threshold_objective, **saved.recipe}
     changed = [f"{key}: {was[key]!r} -> {now[key]!r}" for key in RESUME_FIXED
                if key in was and was[key] != now.get(key)]

@@ -91,6 +91,12 @@ class HeadNode:
         return subprocess.run([sys.executable, f"jobs/{script}.py", *args], env=node_env(RAY_ADDRESS=self.address),
                               cwd=REPO, capture_output=True, text=True, timeout=DEADLINE_SECONDS)
 
+    def start_job(self, script: str, *args: str, **env: str) -> subprocess.Popen:
+        """`run_job`, started and not waited for, with `env` added to the driver's environment."""
+        return subprocess.Popen([sys.executable, f"jobs/{script}.py", *args],
+                                env=node_env(RAY_ADDRESS=self.address, **env), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
 
 @contextlib.contextmanager
 def head_node(*extra_args: str) -> Iterator[HeadNode]:

@@ -71,7 +71,7 @@ def inputs(tmp_path):
     write_labels(labels, LATEST)
     # an older night where every poster failed: the default must pick the latest partition instead
     write_labels(labels, OLDER, {i: ("fetch_failed", None, None) for i in LABELS})
-    (labels / "_staging").mkdir()  # an in-flight run's folder is not a partition
+    (labels / "_staging").mkdir()  # a stray folder (as an older release staged runs in) is not a partition
     return {"labels": str(labels), "catalog": write_catalog(tmp_path / "catalog.parquet"), "out": tmp_path / "out"}
 
 

@@ -1,4 +1,5 @@
-import io
+import hashlib
+import json
 
 import pytest
 import torch
@@ -77,6 +78,12 @@ def test_unreadable_checkpoint_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="no meta.json"):
         read_meta(str(tmp_path))
     save_checkpoint(tmp_path / "ckpt", build_model(arch="cnn", num_genres=18), meta())
-    (tmp_path / "ckpt" / "model.pt").write_bytes(io.BytesIO(b"garbage").getvalue())
+    (tmp_path / "ckpt" / "model.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="model.pt: sha256 .* does not match .* refusing them"):
+        load_checkpoint(str(tmp_path / "ckpt"))
+    # Garbage its meta vouches for (a checkpoint written by a broken saver) is named as unreadable.
+    meta_file = tmp_path / "ckpt" / "meta.json"
+    recorded = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**recorded, "weights_sha256": hashlib.sha256(b"garbage").hexdigest()}))
     with pytest.raises(CheckpointError, match="model.pt: unreadable weights"):
         load_checkpoint(str(tmp_path / "ckpt"))

@@ -195,6 +195,28 @@ def test_failed_label_job_pushes_its_failure_time(ray_local, monitoring, label_i
     assert query(monitoring, f"genre_pipeline_label_rows{night}") == []
 
 
+def test_a_night_whose_posters_all_fail_is_not_committed_and_pushes_its_failure(ray_local, monitoring, label_inputs,
+                                                                               tmp_path, caplog):
+    """The systemic-failure guard: every poster unreachable (here: outside the poster root, as a wrong root or
+    expired credentials would make it) keeps the previous night and reports a failure, not a night of errors."""
+    catalog, model = label_inputs
+    job = ["--catalog", catalog, "--model", model, "--output", str(tmp_path / "labels"), "--run-date", "2026-11-23",
+           "--pushgateway", monitoring.pushgateway]
+    assert load_job("label_catalog").main([*job, "--max-failed-fraction", "1"]) == 0
+    night = tmp_path / "labels" / "run_date=2026-11-23" / "labels.parquet"
+    good = night.read_bytes()
+    started = time.time()
+    with caplog.at_level(logging.ERROR):
+        code = load_job("label_catalog").main([*job, "--poster-root", str(tmp_path / "nowhere")])
+    assert code == 2 and "8 of 8 posters failed" in caplog.text
+    assert night.read_bytes() == good
+    selector = '{job="genre_pipeline_label", run="2026-11-23"}'
+    failed_at = wait_for_push_since(monitoring, f"genre_pipeline_label_last_failure_timestamp_seconds{selector}",
+                                    started)
+    succeeded_at = single_value(monitoring, f"genre_pipeline_label_last_success_timestamp_seconds{selector}")
+    assert succeeded_at < started <= failed_at
+
+
 def test_pushgateway_down_warns_and_the_labels_are_still_written(ray_local, label_inputs, tmp_path, caplog):
     catalog, model = label_inputs
     gateway = f"127.0.0.1:{closed_port()}"

@@ -13,6 +13,8 @@ import io
 import json
 import logging
 import socket
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,10 +31,11 @@ import requests
 import s3fs
 from conftest import load_job, save_random_model
 from moto.server import ThreadedMotoServer
-from ray_nodes import HeadNode, head_node
+from ray_nodes import DEADLINE_SECONDS, HeadNode, head_node
 
 from genre_pipeline import storage
 from genre_pipeline.catalog import CATALOG_SCHEMA
+from genre_pipeline.failpoints import DIR_ENV_VAR, ENV_VAR
 from genre_pipeline.sample import draw_poster, jpeg_bytes
 
 BUCKET = "genre-data"  # private: the IAM user's credentials only
@@ -243,9 +246,11 @@ def test_whole_pipeline_on_s3(s3, capfd, caplog):
                            "--name", "s3-cnn", *FAST_TRAINING)
     assert train.returncode == 0, train.stderr[-3000:]
     run_keys = set(s3.objects(BUCKET, "e2e/runs/s3-cnn/"))
-    assert {"e2e/runs/s3-cnn/model/model.pt", "e2e/runs/s3-cnn/model/meta.json"} <= run_keys
+    pointer = json.loads(s3.objects(BUCKET, "e2e/runs/s3-cnn/model/")["e2e/runs/s3-cnn/model/pointer.json"])
+    version = "e2e/runs/s3-cnn/versions/" + pointer["checkpoint"].rsplit("/", 1)[-1]
+    assert {f"{version}/model.pt", f"{version}/meta.json"} <= run_keys  # published as a version, then the pointer
     assert any(key.startswith("e2e/runs/s3-cnn/checkpoint_") for key in run_keys)  # Ray Train's own, on S3
-    model_version = json.loads(s3.objects(BUCKET, "e2e/runs/s3-cnn/model/meta.json").popitem()[1])["model_version"]
+    model_version = json.loads(s3.objects(BUCKET, f"{version}/meta.json").popitem()[1])["model_version"]
 
     label = s3.ray.run_job("label_catalog", "--catalog", catalog, "--model", f"{root}/runs/s3-cnn/model",
                            "--output", labels_root, "--run-date", RUN_DATE)
@@ -256,7 +261,7 @@ def test_whole_pipeline_on_s3(s3, capfd, caplog):
                                                                        movies["poster_uri"].to_pylist(), strict=True)}
     assert statuses(labels) == expected
     assert set(labels["model_version"].to_pylist()) == {model_version}
-    assert not s3.objects(BUCKET, "e2e/labels/_staging/")  # committed: staging moved in, write-check marker gone
+    assert list(s3.objects(BUCKET, "e2e/labels/")) == [f"e2e/labels/run_date={RUN_DATE}/labels.parquet"]
     assert "labelled 40 movies" in label.stdout and f"output: {labels_root}/run_date={RUN_DATE}" in label.stdout
 
     evaluate = ["--labels", labels_root, "--catalog", catalog, "--split", "test", "--out", f"{root}/evaluation"]
@@ -279,8 +284,10 @@ def test_whole_pipeline_on_s3(s3, capfd, caplog):
 
 def test_bad_posters_on_s3_are_rows_with_a_status(s3, small):
     output = f"s3://{BUCKET}/small-labels"
+    # The flag, as a user without AWS_ENDPOINT_URL would give it; the poster root is the whole bucket (the denied
+    # poster lies outside the catalogue's prefix); 2 of the 6 posters fail, over the default guard.
     job = ["--catalog", small["catalog"], "--model", small["model"], "--output", output, "--run-date", RUN_DATE,
-           "--endpoint-url", s3.endpoint]  # the flag, as a user without AWS_ENDPOINT_URL would give it
+           "--endpoint-url", s3.endpoint, "--poster-root", f"s3://{BUCKET}", "--max-failed-fraction", "1"]
     first = s3.ray.run_job("label_catalog", *job)
     assert first.returncode == 0, first.stderr[-3000:]
     labels = read_parquet(f"{output}/run_date={RUN_DATE}")
@@ -297,7 +304,7 @@ def test_bad_posters_on_s3_are_rows_with_a_status(s3, small):
     assert sorted(again["movie_id"].to_pylist()) == sorted(SMALL_STATUS)
     first_run, second_run = set(labels["run_id"].to_pylist()), set(again["run_id"].to_pylist())
     assert len(first_run) == len(second_run) == 1 and first_run != second_run
-    assert not s3.objects(BUCKET, "small-labels/_staging/") and not s3.objects(BUCKET, "small-labels/_replaced/")
+    assert list(s3.objects(BUCKET, "small-labels/")) == [f"small-labels/run_date={RUN_DATE}/labels.parquet"]
     assert_secret_nowhere(s3, first.stdout, first.stderr, second.stdout, second.stderr)
 
 
@@ -356,7 +363,8 @@ def test_anonymous_reads_a_public_bucket(s3, public, iam_auth_off, fresh_s3fs, m
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     output = tmp_path / "labels"
     done = s3.ray.run_job("label_catalog", "--catalog", public["catalog"], "--model", public["model"],
-                          "--output", str(output), "--run-date", RUN_DATE, "--anonymous")
+                          "--output", str(output), "--run-date", RUN_DATE, "--anonymous",
+                          "--poster-root", f"s3://{PUBLIC_BUCKET}")
     assert done.returncode == 0, done.stderr[-3000:]
     labels = pads.dataset(output / f"run_date={RUN_DATE}", format="parquet").to_table()
     # Only BUCKET's policy denies forbidden/: in the public bucket, 6.jpg is public-read like the rest.
@@ -378,3 +386,111 @@ def test_write_check_leaves_no_marker_and_names_the_bucket(s3, fresh_s3fs):
     assert not s3.objects(BUCKET, "write-check/")
     with pytest.raises(storage.StorageError, match=rf"^s3://{NO_SUCH_BUCKET}/x: cannot write: the bucket does not"):
         storage.check_writable(f"s3://{NO_SUCH_BUCKET}/x")
+
+
+# --- the night's commit on S3: one conditional PUT -----------------------------------------------------------
+
+COMMIT_NIGHT = "2026-11-29"
+
+
+def commit_job(small: dict[str, str], prefix: str, *extra: str) -> list[str]:
+    return ["--catalog", small["catalog"], "--model", small["model"], "--output", f"s3://{BUCKET}/{prefix}",
+            "--run-date", COMMIT_NIGHT, "--poster-root", f"s3://{BUCKET}", "--max-failed-fraction", "1", *extra]
+
+
+def night_object(s3: S3Server, prefix: str) -> tuple[str, int, int] | None:
+    """(run_id, rows, distinct movies) of the committed night, which must be the only object under the labels
+    prefix; None before any commit."""
+    objects = s3.objects(BUCKET, f"{prefix}/")
+    if not objects:
+        return None
+    assert list(objects) == [f"{prefix}/run_date={COMMIT_NIGHT}/labels.parquet"], list(objects)
+    table = pq.read_table(io.BytesIO(objects.popitem()[1]))
+    run_ids = set(table["run_id"].to_pylist())
+    assert len(run_ids) == 1, run_ids
+    return run_ids.pop(), table.num_rows, len(set(table["movie_id"].to_pylist()))
+
+
+def finish_job(process) -> tuple[int, str]:
+    try:
+        _, err = process.communicate(timeout=DEADLINE_SECONDS)
+    finally:
+        process.kill()
+    return process.returncode, err
+
+
+def wait_for_pause(path: Path, process) -> None:
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{path.name} never reached:\n{finish_job(process)[1][-3000:]}")
+        time.sleep(0.05)
+
+
+class NightPoller(threading.Thread):
+    """A reader polling the night as a warehouse would, the whole time: list the prefix, read what it lists."""
+
+    def __init__(self, s3: S3Server, prefix: str) -> None:
+        super().__init__(daemon=True)
+        self.s3, self.prefix = s3, prefix
+        self.seen: list[tuple[str, int, int] | None] = []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            self.seen.append(night_object(self.s3, self.prefix))
+
+    def stop(self) -> list[tuple[str, int, int] | None]:
+        self.stopped.set()
+        self.join(timeout=60)
+        return self.seen
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_commit_step_on_s3_leaves_a_whole_night(s3, small):
+    prefix = "commit-kills"
+    done = s3.ray.run_job("label_catalog", *commit_job(small, prefix))
+    assert done.returncode == 0, done.stderr[-3000:]
+    committed = night_object(s3, prefix)
+    assert committed[1:] == (len(SMALL_STATUS), len(SMALL_STATUS))
+    for step in ("commit.spooled", "commit.start", "commit.putting", "commit.done"):
+        code, err = finish_job(s3.ray.start_job("label_catalog", *commit_job(small, prefix),
+                                                **{ENV_VAR: f"{step}=kill"}))
+        assert code == -9, (step, err[-3000:])
+        now = night_object(s3, prefix)
+        assert now[1:] == committed[1:], step
+        assert (now != committed) if step == "commit.done" else (now == committed), step
+        committed = now
+    # A failing re-run (every poster outside its root: the guard) leaves the night as it is.
+    failing = s3.ray.run_job("label_catalog", *commit_job(small, prefix)[:-4], "--poster-root",
+                             f"s3://{BUCKET}/nowhere")
+    assert failing.returncode == 2 and "more than --max-failed-fraction 0.2" in failing.stderr
+    assert night_object(s3, prefix) == committed
+
+
+@pytest.mark.slow
+def test_of_two_concurrent_runs_on_s3_exactly_one_commits_and_readers_see_whole_nights(s3, small, tmp_path):
+    """The first run pauses just before its PUT; a second run commits; the first's conditional PUT then fails
+    (If-None-Match on an empty night, If-Match on a committed one) and it exits 2. A reader polls throughout."""
+    prefix = "commit-race"
+    poller = NightPoller(s3, prefix)
+    poller.start()
+    winners = []
+    for attempt in ("empty night", "committed night"):
+        pauses = tmp_path / attempt.replace(" ", "-")
+        pauses.mkdir()
+        first = s3.ray.start_job("label_catalog", *commit_job(small, prefix),
+                                 **{ENV_VAR: "commit.putting=pause", DIR_ENV_VAR: str(pauses)})
+        wait_for_pause(pauses / "commit.putting.reached", first)
+        second = s3.ray.run_job("label_catalog", *commit_job(small, prefix))
+        assert second.returncode == 0, (attempt, second.stderr[-3000:])
+        winners.append(night_object(s3, prefix))
+        (pauses / "commit.putting.release").touch()
+        code, err = finish_job(first)
+        assert code == 2 and "another run committed this night" in err, (attempt, err[-3000:])
+        assert night_object(s3, prefix) == winners[-1], attempt
+    seen = poller.stop()
+    assert winners[0] != winners[1]
+    whole = {None, *winners}
+    assert set(seen) <= whole, set(seen) - whole  # never a partial, doubled or third night
+    assert set(winners) <= set(seen)  # the reader was polling through both commits

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,11 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import load_job
+from conftest import REPO, load_job
 
 from genre_pipeline.catalog import is_validation
 from genre_pipeline.checkpoints import read_meta
 from genre_pipeline.evaluation import frequency_prior, mean_average_precision_at_k, prior_scores
+from genre_pipeline.failpoints import DIR_ENV_VAR, ENV_VAR
 from genre_pipeline.genres import GENRES, encode_many
 from genre_pipeline.images import PreprocessSpec
 from genre_pipeline.models import build_model
@@ -176,6 +182,8 @@ def test_a_resume_with_other_data_or_optimiser_settings_is_refused(ray_local, sa
     changed_data = [*command, "--epochs", "2", "--val-fraction", "0.3"]
     assert job.main(changed_data) == 2
     assert "data_fingerprint" in caplog.text
+    assert job.main([*command, "--epochs", "2", "--image-size", "48"]) == 2
+    assert "image_size: 64 -> 48" in caplog.text
     assert sorted(p.name for p in (tmp_path / "fixed").iterdir()) == before  # nothing trained or published
 
 
@@ -198,3 +206,27 @@ def test_numeric_training_flags_are_range_checked(flag, value, tmp_path, caplog)
                      "--arch", "cnn", "--head-epochs", "0", flag, value])
     assert code == 2
     assert f"{flag} {float(value):g}" in caplog.text.replace(".0:", ":") and "must be" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_killed_training_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(sample_catalog, tmp_path):
+    """The first worker to finish epoch 1 is SIGKILLed (as the OOM killer or a lost node would): Ray Train's
+    FailureConfig restarts the worker group from epoch 1's checkpoint and the job still ends with exit 0."""
+    failpoint_dir = tmp_path / "failpoints"
+    failpoint_dir.mkdir()
+    env = {**os.environ, ENV_VAR: "train.epoch_reported=kill_once", DIR_ENV_VAR: str(failpoint_dir)}
+    command = [sys.executable, "jobs/train_genre_model.py", "--catalog", str(sample_catalog), *COMMON,
+               "--epochs", "2", "--storage-path", str(tmp_path), "--name", "killed-worker"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the local Ray the driver started
+    assert process.returncode == 0, output[-4000:]
+    assert (failpoint_dir / "train.epoch_reported.fired").exists(), "no worker was killed"
+    latest = newest_checkpoint(tmp_path / "killed-worker")
+    state = torch.load(latest / TRAIN_STATE_FILE)["state"]
+    assert (state["epoch"], state["resumed_from"]) == (2, 1)  # epoch 2 ran once, on top of epoch 1
+    assert read_meta(str(tmp_path / "killed-worker" / "model")).epoch in (1, 2)

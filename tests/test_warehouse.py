@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import duckdb
+import polars
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from conftest import save_random_model
@@ -13,6 +16,7 @@ from conftest import save_random_model
 from genre_pipeline.catalog import write_catalog
 from genre_pipeline.genres import GENRES
 from genre_pipeline.labelling import LabelConfig, label_catalog
+from genre_pipeline.output import LABELS_FILE, NightStore
 from genre_pipeline.sample import build_sample_catalog
 from genre_pipeline.warehouse import QUERIES, run_query
 
@@ -32,8 +36,47 @@ def nights(ray_local, tmp_path_factory):
     label_catalog(LabelConfig(**config, model=strict, run_date=NIGHTS[0]))
     label_catalog(LabelConfig(**config, model=lenient, run_date=NIGHTS[1]))
     label_catalog(LabelConfig(**config, model=lenient, run_date=NIGHTS[1]))
+    leave_a_run_in_progress(root / "labels", NIGHTS[1])
     ok_ids = [r["movie_id"] for r in table.to_pylist() if r["poster_uri"] is not None]
     return root / "labels", table, ok_ids
+
+
+def leave_a_run_in_progress(labels: Path, night: str) -> None:
+    """A run of `night` mid-way (or killed): its spool holds rows of that night and is not committed."""
+    committed = pq.read_table(labels / f"run_date={night}" / LABELS_FILE)
+    store = NightStore(str(labels), night, f"{night}-inprogress")
+    spool = store.open_spool(committed.schema)
+    spool.write(committed)
+    spool.writer.close()
+
+
+def count_by_night(rows: list[dict]) -> dict[str, tuple[int, int]]:
+    """run_date -> (rows, distinct movies)."""
+    nights: dict[str, list] = {}
+    for row in rows:
+        nights.setdefault(str(row["run_date"]), []).append(row["movie_id"])
+    return {night: (len(ids), len(set(ids))) for night, ids in sorted(nights.items())}
+
+
+def test_readers_of_the_labels_root_see_the_committed_nights_only(nights):
+    """What a warehouse team points at the root, with a run of the second night in progress beside it."""
+    labels, catalog, _ = nights
+    whole = {night: (catalog.num_rows, catalog.num_rows) for night in NIGHTS}
+    readers = {
+        "duckdb, the documented glob": run_query(str(labels), "SELECT movie_id, run_date FROM labels").to_pylist(),
+        "duckdb, a recursive glob": duckdb.sql(
+            f"SELECT movie_id, run_date FROM read_parquet('{labels}/**/*.parquet', hive_partitioning = true)"
+        ).fetch_arrow_table().to_pylist(),
+        "polars, the root": polars.scan_parquet(labels, hive_partitioning=True).select(
+            "movie_id", "run_date").collect().to_dicts(),
+        "polars, a recursive glob": polars.scan_parquet(f"{labels}/**/*.parquet", hive_partitioning=True).select(
+            "movie_id", "run_date").collect().to_dicts(),
+        "pyarrow dataset, hive partitioning": pads.dataset(labels, format="parquet", partitioning="hive").to_table(
+            columns=["movie_id", "run_date"]).to_pylist(),
+    }
+    assert list((labels.parent / f".{labels.name}.staging").glob("*.parquet")), "the run in progress has a spool"
+    for reader, rows in readers.items():
+        assert count_by_night(rows) == whole, reader
 
 
 def test_latest_label_per_movie(nights):
@@ -80,7 +123,7 @@ def readme_ddl() -> tuple[list[tuple[str, str]], str]:
 
 def test_readme_ddl_matches_the_parquet_the_job_writes(nights):
     labels, _, _ = nights
-    written = pq.read_schema(next((labels / f"run_date={NIGHTS[1]}").glob("*.parquet")))
+    written = pq.read_schema(labels / f"run_date={NIGHTS[1]}" / LABELS_FILE)
     columns, partition = readme_ddl()
     assert [name for name, _ in columns] == written.names
     for name, hive_type in columns:
