@@ -25,7 +25,6 @@ import pyarrow.fs as pafs
 ALLOWED_SCHEMES = ("", "file", "s3")
 # Where check_writable puts its marker: engines and the documented `run_date=*/` glob skip `_` folders, so a
 # marker left behind by a crash between its write and its delete is never read as data.
-WRITE_CHECK_DIR = "_staging"
 # Environment variables whose values are secrets: scrubbed from every StorageError message, because reasons
 # partly come from servers and libraries we do not control.
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
@@ -195,8 +194,10 @@ def check_readable(uri: str, options: StorageOptions = StorageOptions()) -> None
 def check_writable(uri: str, options: StorageOptions = StorageOptions()) -> None:
     """Fail fast when nothing can be written under `uri`, without leaving anything behind.
 
-    S3: put and delete a marker object under `<uri>/_staging/` (the only way to test credentials, bucket and
-    policy for writes). Local: the nearest existing folder must be a writable directory; nothing is created.
+    S3: start a multipart upload under `<uri>/` and abort it. Starting one needs the same s3:PutObject
+    permission as a write, and tests credentials, bucket and policy, yet no object appears: a reader listing the
+    prefix meanwhile sees nothing. Local: the nearest existing folder must be a writable directory; nothing is
+    created.
     """
     if not is_remote(uri):
         path = fsspec_filesystem(uri, options)[1]
@@ -206,11 +207,11 @@ def check_writable(uri: str, options: StorageOptions = StorageOptions()) -> None
         if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
             raise StorageError(f"{uri}: cannot write: {existing} is not a writable directory")
         return
-    marker = join(uri, WRITE_CHECK_DIR, f".write-check-{uuid.uuid4().hex}")
+    bucket, key = bucket_and_key(join(uri, f".write-check-{uuid.uuid4().hex}"))
     with reporting_errors(uri, "write"):
-        fs, path = fsspec_filesystem(marker, options)
-        fs.pipe_file(path, b"")
-        fs.rm_file(path)
+        client = s3_client(options)
+        upload = client.create_multipart_upload(Bucket=bucket, Key=key)
+        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
 
 
 def bucket_and_key(uri: str) -> tuple[str, str]:

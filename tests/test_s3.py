@@ -435,14 +435,20 @@ class NightPoller(threading.Thread):
         self.s3, self.prefix = s3, prefix
         self.seen: list[tuple[str, int, int] | None] = []
         self.stopped = threading.Event()
+        self.error: BaseException | None = None  # what a read met: raised again in the test by stop()
 
     def run(self) -> None:
-        while not self.stopped.is_set():
-            self.seen.append(night_object(self.s3, self.prefix))
+        try:
+            while not self.stopped.is_set():
+                self.seen.append(night_object(self.s3, self.prefix))
+        except BaseException as error:  # any failure of a read is the test's failure
+            self.error = error
 
     def stop(self) -> list[tuple[str, int, int] | None]:
         self.stopped.set()
         self.join(timeout=60)
+        if self.error is not None:
+            raise self.error
         return self.seen
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from genre_pipeline.training_data import (
     split_rows,
 )
 
+# Ray Train writes it when it registers a reported checkpoint: from then on a restart resumes from it.
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # Small enough for a 2-core CI machine, big enough to learn: 64 px posters, 2 DDP workers sharing the CPUs
 # with Ray Data's decoding tasks.
 COMMON = ["--arch", "cnn", "--image-size", "64", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "2",
@@ -210,23 +213,30 @@ def test_numeric_training_flags_are_range_checked(flag, value, tmp_path, caplog)
 
 @pytest.mark.slow
 def test_a_killed_training_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(sample_catalog, tmp_path):
-    """The first worker to finish epoch 1 is SIGKILLed (as the OOM killer or a lost node would): Ray Train's
-    FailureConfig restarts the worker group from epoch 1's checkpoint and the job still ends with exit 0."""
-    failpoint_dir = tmp_path / "failpoints"
-    failpoint_dir.mkdir()
-    env = {**os.environ, ENV_VAR: "train.epoch_reported=kill_once", DIR_ENV_VAR: str(failpoint_dir)}
+    """Both workers pause once epoch 1 is reported; when Ray Train has registered that checkpoint (its snapshot
+    file appears), the test SIGKILLs one worker, as the OOM killer or a lost node would. FailureConfig restarts
+    the worker group from epoch 1's checkpoint and the job still ends with exit 0."""
+    pauses = tmp_path / "failpoints"
+    pauses.mkdir()
+    env = {**os.environ, ENV_VAR: "train.epoch_reported=pause", DIR_ENV_VAR: str(pauses)}
     command = [sys.executable, "jobs/train_genre_model.py", "--catalog", str(sample_catalog), *COMMON,
                "--epochs", "2", "--storage-path", str(tmp_path), "--name", "killed-worker"]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
+    reached, snapshot = pauses / "train.epoch_reported.reached", tmp_path / "killed-worker" / SNAPSHOT_FILE
     try:
+        deadline = time.monotonic() + 600
+        while not (snapshot.exists() and reached.exists() and len(reached.read_text().split()) == 2):
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-4000:]
+            time.sleep(0.05)
+        os.kill(int(reached.read_text().split()[0]), signal.SIGKILL)
+        (pauses / "train.epoch_reported.release").touch()
         output, _ = process.communicate(timeout=600)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # the local Ray the driver started
     assert process.returncode == 0, output[-4000:]
-    assert (failpoint_dir / "train.epoch_reported.fired").exists(), "no worker was killed"
     latest = newest_checkpoint(tmp_path / "killed-worker")
     state = torch.load(latest / TRAIN_STATE_FILE)["state"]
-    assert (state["epoch"], state["resumed_from"]) == (2, 1)  # epoch 2 ran once, on top of epoch 1
+    assert (state["epoch"], state["resumed_from"]) == (2, 1)  # epoch 2 ran on top of epoch 1, not from scratch
     assert read_meta(str(tmp_path / "killed-worker" / "model")).epoch in (1, 2)
