@@ -32,12 +32,13 @@ import pyarrow.fs as pafs
 # make the library importable there without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genre_pipeline import evaluation, storage  # noqa: E402
-from genre_pipeline.catalog import CatalogError, is_validation, read_catalog, validate_schema  # noqa: E402
-from genre_pipeline.checkpoints import CheckpointError, read_meta  # noqa: E402
+from genre_pipeline.data import storage  # noqa: E402
+from genre_pipeline.data.catalog import CatalogError, is_validation, read_catalog, validate_schema  # noqa: E402
+from genre_pipeline.data.images import PreprocessSpec  # noqa: E402
+from genre_pipeline.evaluate import metrics as evaluation  # noqa: E402
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, UnknownGenreError, column_name, encode_many  # noqa: E402
-from genre_pipeline.images import PreprocessSpec  # noqa: E402
-from genre_pipeline.labels import PARTITION_KEY, STATUS_OK  # noqa: E402
+from genre_pipeline.label.contract import PARTITION_KEY, STATUS_OK  # noqa: E402
+from genre_pipeline.model.checkpoints import CheckpointError, read_meta  # noqa: E402
 from genre_pipeline.runtime import add_storage_flags, setup_logging, storage_options_from  # noqa: E402
 
 logger = logging.getLogger("evaluate")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score
 
-from genre_pipeline import evaluation as ev
+from genre_pipeline.evaluate import metrics as ev
 from genre_pipeline.genres import DEFAULT_THRESHOLD
 
 # 5 rows x 4 genres. Row 3 has a true genre but no prediction, row 4 neither; genre 3 is never true

@@ -25,14 +25,15 @@ from conftest import REPO, load_job, save_random_model
 from prometheus_client.parser import text_string_to_metric_families
 from ray_nodes import HeadNode, head_node
 
-from genre_pipeline import posters, telemetry
-from genre_pipeline.catalog import CATALOG_SCHEMA
-from genre_pipeline.checkpoints import ModelMeta
+from genre_pipeline import telemetry
+from genre_pipeline.data import posters
+from genre_pipeline.data.catalog import CATALOG_SCHEMA
+from genre_pipeline.data.images import PreprocessSpec
+from genre_pipeline.data.sample import draw_poster, jpeg_bytes
 from genre_pipeline.genres import GENRES
-from genre_pipeline.images import PreprocessSpec
-from genre_pipeline.labelling import LabelConfig, LabelSummary
-from genre_pipeline.labels import STATUSES
-from genre_pipeline.sample import draw_poster, jpeg_bytes
+from genre_pipeline.label.contract import STATUSES
+from genre_pipeline.label.pipeline import LabelConfig, LabelSummary
+from genre_pipeline.model.checkpoints import ModelMeta
 
 # movie_id -> the status the label job must give it
 LABEL_INPUT_STATUS = {**{i: "ok" for i in range(1, 7)}, 7: "missing_poster", 8: "missing_poster",
