@@ -5,6 +5,7 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score
 
 from genre_pipeline.evaluate import metrics as ev
+from genre_pipeline.evaluate import plots, report
 from genre_pipeline.genres import DEFAULT_THRESHOLD
 
 # 5 rows x 4 genres. Row 3 has a true genre but no prediction, row 4 neither; genre 3 is never true
@@ -191,17 +192,17 @@ def test_frequency_prior():
 
 
 def test_markdown_tables():
-    table = ev.render_summary_table({"model": ev.summary_metrics(Y_TRUE, Y_TRUE, PREDICTED)})
+    table = report.render_summary_table({"model": ev.summary_metrics(Y_TRUE, Y_TRUE, PREDICTED)})
     header, rule, row = table.splitlines()
     assert "F1 micro" in header and "mAP@5" in header and rule.startswith("| --- |")
     assert row.startswith("| model | 0.5455 |")  # 6/11
-    report = ev.evaluate_scores(Y_TRUE, Y_TRUE, PREDICTED, ["a", "b", "c", "d"])
-    assert ev.render_per_genre_table(report.per_genre).splitlines()[-1].endswith("| n/a |")
+    metrics = ev.evaluate_scores(Y_TRUE, Y_TRUE, PREDICTED, ["a", "b", "c", "d"])
+    assert report.render_per_genre_table(metrics.per_genre).splitlines()[-1].endswith("| n/a |")
 
 
 def test_plots_write_png(tmp_path):
-    report = ev.evaluate_scores(Y_TRUE, Y_TRUE, PREDICTED, ["a", "b", "c", "d"])
-    ev.plot_genre_distribution([3, 2, 1, 0], [1, 1, 0, 0], tmp_path / "dist.png", genres=["a", "b", "c", "d"])
-    ev.plot_per_genre_f1(report.per_genre, tmp_path / "f1.png")
+    metrics = ev.evaluate_scores(Y_TRUE, Y_TRUE, PREDICTED, ["a", "b", "c", "d"])
+    plots.plot_genre_distribution([3, 2, 1, 0], [1, 1, 0, 0], tmp_path / "dist.png", genres=["a", "b", "c", "d"])
+    plots.plot_per_genre_f1(metrics.per_genre, tmp_path / "f1.png")
     for name in ("dist.png", "f1.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
