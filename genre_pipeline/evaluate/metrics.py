@@ -118,19 +118,6 @@ def f1_samples(y_true: np.ndarray, predicted: np.ndarray) -> float:
     return float(per_row.mean()) if per_row.size else 0.0
 
 
-def average_precision_at_k(actual: set[int] | Sequence[int], ranked: Sequence[int], k: int) -> float:
-    """ml_metrics' apk: sum of precision@i at each hit among the top k, over min(len(actual), k)."""
-    actual, top = set(actual), list(ranked)[:k]
-    if not actual:
-        return 0.0
-    hits, score = 0, 0.0
-    for i, item in enumerate(top):
-        if item in actual and item not in top[:i]:  # a repeated prediction is not a second hit
-            hits += 1
-            score += hits / (i + 1)
-    return score / min(len(actual), k)
-
-
 def rank_genres(scores: np.ndarray) -> np.ndarray:
     """Genre indices per row, best score first; ties keep the vocabulary order (a stable sort)."""
     return np.argsort(-np.asarray(scores, dtype=np.float64), axis=1, kind="stable")
