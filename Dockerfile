@@ -39,7 +39,7 @@ COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 genre_pipeline/ genre_pipeline/
 RUN pip install --no-cache-dir . \
     && python -c "import genre_pipeline, torch, torchvision, ray; assert ray.__version__ == '2.60.0', ray.__version__" \
-    && python -c "from genre_pipeline.models import PRETRAINED_ARCHS, build_model; [build_model(arch=a, num_genres=18, pretrained=True) for a in PRETRAINED_ARCHS]"
+    && python -c "from genre_pipeline.model.architectures import PRETRAINED_ARCHS, build_model; [build_model(arch=a, num_genres=18, pretrained=True) for a in PRETRAINED_ARCHS]"
 
 # The entry points last: they change most often and are plain scripts (they import the installed package).
 COPY --chown=1000:100 jobs/ jobs/

@@ -23,7 +23,7 @@ and checks:
 Exit codes: 0 every check passed; 1 a check failed; 3 no CUDA device ("no CUDA device: nothing to check"), so CI
 and CPU machines can call it harmlessly. GPU JPEG decoding being unavailable is reported, not a failure.
 
-The script never starts Ray (`genre_pipeline.inference` imports the `ray` package for its metrics, which stay
+The script never starts Ray (`genre_pipeline.model.predictor` imports the `ray` package for its metrics, which stay
 off without a running Ray). Its functions take a `device`, so tests can run their logic on a CPU.
 """
 
@@ -52,13 +52,13 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
-from genre_pipeline.checkpoints import ModelMeta, save_checkpoint  # noqa: E402
+from genre_pipeline.data.images import PreprocessSpec, Size, as_shape, decode_poster  # noqa: E402
+from genre_pipeline.data.sample import build_sample_catalog  # noqa: E402
+from genre_pipeline.data.tensors import to_model_input  # noqa: E402
 from genre_pipeline.genres import GENRES, encode_many  # noqa: E402
-from genre_pipeline.images import PreprocessSpec, Size, as_shape, decode_poster  # noqa: E402
-from genre_pipeline.inference import GenrePredictor  # noqa: E402
-from genre_pipeline.models import ARCHS, build_model, default_preprocess  # noqa: E402
-from genre_pipeline.sample import build_sample_catalog  # noqa: E402
-from genre_pipeline.tensors import to_model_input  # noqa: E402
+from genre_pipeline.model.architectures import ARCHS, build_model, default_preprocess  # noqa: E402
+from genre_pipeline.model.checkpoints import ModelMeta, save_checkpoint  # noqa: E402
+from genre_pipeline.model.predictor import GenrePredictor  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_CUDA = 0, 1, 3
 NO_CUDA_MESSAGE = "no CUDA device: nothing to check"

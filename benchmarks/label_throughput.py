@@ -35,23 +35,23 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from genre_pipeline.catalog import write_catalog  # noqa: E402
-from genre_pipeline.checkpoints import ModelMeta, load_checkpoint, save_checkpoint  # noqa: E402
+from genre_pipeline.data.catalog import write_catalog  # noqa: E402
+from genre_pipeline.data.images import PreprocessSpec, decode_poster  # noqa: E402
+from genre_pipeline.data.sample import build_sample_catalog  # noqa: E402
 from genre_pipeline.genres import GENRES  # noqa: E402
-from genre_pipeline.images import PreprocessSpec, decode_poster  # noqa: E402
-from genre_pipeline.inference import (
-    PRECISIONS,  # noqa: E402
-    GenrePredictor,  # noqa: E402
-)
-from genre_pipeline.labelling import (  # noqa: E402
+from genre_pipeline.label.pipeline import (  # noqa: E402
     ActorResources,
     LabelConfig,
     label_catalog,
     resolve_actor_resources,
     resolve_batch_size,
 )
-from genre_pipeline.models import build_model, default_preprocess  # noqa: E402
-from genre_pipeline.sample import build_sample_catalog  # noqa: E402
+from genre_pipeline.model.architectures import build_model, default_preprocess  # noqa: E402
+from genre_pipeline.model.checkpoints import ModelMeta, load_checkpoint, save_checkpoint  # noqa: E402
+from genre_pipeline.model.predictor import (
+    PRECISIONS,  # noqa: E402
+    GenrePredictor,  # noqa: E402
+)
 
 
 class PeakRss:

@@ -22,13 +22,13 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from genre_pipeline import storage  # noqa: E402
-from genre_pipeline.evaluation import metrics_line, summary_metrics, tune_thresholds  # noqa: E402
+from genre_pipeline.data import storage  # noqa: E402
+from genre_pipeline.data.images import PreprocessSpec, decode_poster  # noqa: E402
+from genre_pipeline.data.tensors import to_model_input  # noqa: E402
+from genre_pipeline.evaluate.metrics import metrics_line, summary_metrics, tune_thresholds  # noqa: E402
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, encode_many  # noqa: E402
-from genre_pipeline.images import PreprocessSpec, decode_poster  # noqa: E402
-from genre_pipeline.models import PRETRAINED_ARCHS, build_model, default_preprocess  # noqa: E402
-from genre_pipeline.tensors import to_model_input  # noqa: E402
-from genre_pipeline.training_data import load_training_rows, split_rows  # noqa: E402
+from genre_pipeline.model.architectures import PRETRAINED_ARCHS, build_model, default_preprocess  # noqa: E402
+from genre_pipeline.train.data import load_training_rows, split_rows  # noqa: E402
 
 BATCH = 32
 

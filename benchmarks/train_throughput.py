@@ -27,19 +27,19 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from genre_pipeline.catalog import write_catalog  # noqa: E402
+from genre_pipeline.data.catalog import write_catalog  # noqa: E402
+from genre_pipeline.data.posters import fetch_posters  # noqa: E402
+from genre_pipeline.data.sample import build_sample_catalog  # noqa: E402
 from genre_pipeline.genres import GENRES  # noqa: E402
-from genre_pipeline.models import build_model, default_preprocess  # noqa: E402
-from genre_pipeline.posters import fetch_posters  # noqa: E402
-from genre_pipeline.sample import build_sample_catalog  # noqa: E402
-from genre_pipeline.trainer import TrainJobConfig, build_trainer, loop_config  # noqa: E402
-from genre_pipeline.training import make_optimizer, train_one_epoch  # noqa: E402
-from genre_pipeline.training_data import (  # noqa: E402
+from genre_pipeline.model.architectures import build_model, default_preprocess  # noqa: E402
+from genre_pipeline.train.data import (  # noqa: E402
     GENRE_SEPARATOR,
     load_training_rows,
     prepare_training_batch,
     split_rows,
 )
+from genre_pipeline.train.driver import TrainJobConfig, build_trainer, loop_config  # noqa: E402
+from genre_pipeline.train.loop import make_optimizer, train_one_epoch  # noqa: E402
 
 SEED = 0
 

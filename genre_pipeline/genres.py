@@ -48,10 +48,6 @@ def encode_many(rows: Iterable[Iterable[str] | None], genres: Sequence[str] = GE
     return np.stack(vectors) if vectors else np.zeros((0, len(genres)), dtype=np.float32)
 
 
-def decode(multi_hot: np.ndarray, genres: Sequence[str] = GENRES) -> list[str]:
-    return [genres[i] for i in np.flatnonzero(multi_hot > 0)]
-
-
 def labels_from_scores(
     scores: np.ndarray, thresholds: np.ndarray, genres: Sequence[str] = GENRES
 ) -> list[list[str]]:

@@ -8,7 +8,7 @@ import os
 
 import ray
 
-from genre_pipeline.storage import StorageOptions
+from genre_pipeline.data.storage import StorageOptions
 
 # For the processes that run torch (label actors, training workers), read when the process starts. glibc
 # serves allocations over 32 MB (a batch's activations) with mmap in threads other than the main one, and Ray

@@ -50,7 +50,6 @@ PREDICT_BATCH_SECONDS = LiveMetric(
 LABEL_ROWS_WRITTEN = LiveMetric(
     PREFIX + "label_rows_written_total", "counter",
     "Label rows handed to the Parquet writer (into staging; the night is committed at the job's end)")
-LIVE_METRICS = (POSTERS, PREDICT_BATCH_SECONDS, LABEL_ROWS_WRITTEN)
 
 
 @functools.cache

@@ -20,8 +20,8 @@ from pathlib import Path
 # make the library importable there without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genre_pipeline import storage  # noqa: E402
-from genre_pipeline.catalog import (  # noqa: E402
+from genre_pipeline.data import storage  # noqa: E402
+from genre_pipeline.data.catalog import (  # noqa: E402
     DEFAULT_POSTER_PATTERN,
     CatalogError,
     list_posters,
@@ -30,8 +30,8 @@ from genre_pipeline.catalog import (  # noqa: E402
     read_split_file,
     write_catalog,
 )
+from genre_pipeline.data.sample import POSTER_SIZE, build_sample_catalog  # noqa: E402
 from genre_pipeline.runtime import add_storage_flags, setup_logging, storage_options_from  # noqa: E402
-from genre_pipeline.sample import POSTER_SIZE, build_sample_catalog  # noqa: E402
 
 logger = logging.getLogger("build_catalog")
 

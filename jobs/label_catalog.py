@@ -24,10 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
 
-from genre_pipeline.catalog import CatalogError  # noqa: E402
-from genre_pipeline.checkpoints import CheckpointError  # noqa: E402
-from genre_pipeline.inference import PRECISIONS  # noqa: E402
-from genre_pipeline.labelling import (  # noqa: E402
+from genre_pipeline.data.catalog import CatalogError  # noqa: E402
+from genre_pipeline.data.storage import StorageError  # noqa: E402
+from genre_pipeline.label.commit import NightChangedError, OutputIncompleteError  # noqa: E402
+from genre_pipeline.label.contract import STATUSES  # noqa: E402
+from genre_pipeline.label.pipeline import (  # noqa: E402
     DEFAULT_BATCH_SIZE,
     IO_CPU_RESERVE,
     ActorResourcesError,
@@ -36,10 +37,9 @@ from genre_pipeline.labelling import (  # noqa: E402
     LabelSummary,
     label_catalog,
 )
-from genre_pipeline.labels import STATUSES  # noqa: E402
-from genre_pipeline.output import NightChangedError, OutputIncompleteError  # noqa: E402
+from genre_pipeline.model.checkpoints import CheckpointError  # noqa: E402
+from genre_pipeline.model.predictor import PRECISIONS  # noqa: E402
 from genre_pipeline.runtime import add_storage_flags, init_ray, setup_logging, storage_options_from  # noqa: E402
-from genre_pipeline.storage import StorageError  # noqa: E402
 from genre_pipeline.telemetry import LABEL_JOB, LabelledGauge, push_job_failure, push_job_outcome  # noqa: E402
 
 logger = logging.getLogger("label_catalog")

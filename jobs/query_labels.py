@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
 
-from genre_pipeline.warehouse import QUERIES, run_query  # noqa: E402
+from genre_pipeline.label.warehouse import QUERIES, run_query  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
 
-from genre_pipeline import storage  # noqa: E402
-from genre_pipeline.evaluation import THRESHOLD_OBJECTIVES, metrics_line  # noqa: E402
-from genre_pipeline.models import ARCHS, PRETRAINED_ARCHS, WeightsUnavailableError  # noqa: E402
+from genre_pipeline.data import storage  # noqa: E402
+from genre_pipeline.evaluate.metrics import THRESHOLD_OBJECTIVES, metrics_line  # noqa: E402
+from genre_pipeline.model.architectures import ARCHS, PRETRAINED_ARCHS, WeightsUnavailableError  # noqa: E402
 from genre_pipeline.runtime import add_storage_flags, init_ray, setup_logging, storage_options_from  # noqa: E402
 from genre_pipeline.telemetry import TRAIN_JOB, LabelledGauge, push_job_failure, push_job_outcome  # noqa: E402
-from genre_pipeline.trainer import (  # noqa: E402
+from genre_pipeline.train.driver import (  # noqa: E402
     PRETRAINED_HEAD_EPOCHS,
     TrainJobConfig,
     TrainSummary,

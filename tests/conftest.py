@@ -54,8 +54,8 @@ def ray_local():
 def sample_catalog(tmp_path_factory) -> Path:
     """400 generated movies with small posters (the learnable sample), built once per session. 400, not fewer:
     its validation set (87 movies at --val-fraction 0.25) must tell a model that learned from the prior."""
-    from genre_pipeline.catalog import write_catalog
-    from genre_pipeline.sample import build_sample_catalog
+    from genre_pipeline.data.catalog import write_catalog
+    from genre_pipeline.data.sample import build_sample_catalog
 
     root = tmp_path_factory.mktemp("sample")
     table = build_sample_catalog(str(root), 400, seed=7, poster_size=(96, 144))
@@ -68,10 +68,10 @@ def save_random_model(directory: Path, *, image_size: int = 32, thresholds: list
     """A cnn checkpoint with seeded random weights: the label job's input when learning is not the point."""
     import torch
 
-    from genre_pipeline.checkpoints import ModelMeta, save_checkpoint
+    from genre_pipeline.data.images import PreprocessSpec
     from genre_pipeline.genres import GENRES
-    from genre_pipeline.images import PreprocessSpec
-    from genre_pipeline.models import build_model
+    from genre_pipeline.model.architectures import build_model
+    from genre_pipeline.model.checkpoints import ModelMeta, save_checkpoint
 
     torch.manual_seed(0)
     meta = ModelMeta(arch="cnn", genres=list(GENRES), preprocess=PreprocessSpec(image_size=image_size),
@@ -82,8 +82,8 @@ def save_random_model(directory: Path, *, image_size: int = 32, thresholds: list
 
 def write_sample_parts(root: Path, movies: int, parts: int, *, seed: int) -> str:
     """A generated catalogue written as `parts` Parquet files, as large catalogues are; returns its folder."""
-    from genre_pipeline.catalog import write_catalog
-    from genre_pipeline.sample import build_sample_catalog
+    from genre_pipeline.data.catalog import write_catalog
+    from genre_pipeline.data.sample import build_sample_catalog
 
     table = build_sample_catalog(str(root), movies, seed=seed, poster_size=(48, 72))
     rows = movies // parts

@@ -7,7 +7,8 @@ import io
 import pytest
 import torch
 
-from genre_pipeline.backbones import (
+from genre_pipeline.model.architectures import build_model, default_preprocess, weights_source
+from genre_pipeline.model.backbones import (
     LITE_VARIANTS,
     WeightsUnavailableError,
     create_lite,
@@ -15,7 +16,6 @@ from genre_pipeline.backbones import (
     map_reference_state_dict,
     package_weights_file,
 )
-from genre_pipeline.models import build_model, default_preprocess, weights_source
 
 INPUT_SIZE = {"efficientnet_lite0": 224, "efficientnet_lite2": 260}
 

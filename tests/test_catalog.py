@@ -2,7 +2,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from genre_pipeline.catalog import (
+from genre_pipeline.data.catalog import (
     CATALOG_SCHEMA,
     CatalogError,
     movies_to_table,

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, save_random_model, write_sample_parts
 
-from genre_pipeline.checkpoints import publish_checkpoint
 from genre_pipeline.failpoints import DIR_ENV_VAR, ENV_VAR
+from genre_pipeline.model.checkpoints import publish_checkpoint
 
 NIGHT = "2026-11-25"
 MOVIES = 128

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import load_job
 
-from genre_pipeline.catalog import CATALOG_SCHEMA
+from genre_pipeline.data.catalog import CATALOG_SCHEMA
 from genre_pipeline.genres import GENRES, column_name
-from genre_pipeline.labels import labels_schema
+from genre_pipeline.label.contract import labels_schema
 
 evaluate_job = load_job("evaluate")
 
@@ -174,7 +174,7 @@ def test_parser_flags_have_help():
 
 
 def test_validation_split_is_the_rows_training_held_out(inputs):
-    from genre_pipeline.catalog import is_validation
+    from genre_pipeline.data.catalog import is_validation
 
     fraction = 0.6  # holds out movie 7 of the four train movies
     held_out = [i for i, (split, _) in CATALOG.items() if split == "train" and is_validation(i, fraction)]
@@ -188,8 +188,8 @@ def test_validation_split_is_the_rows_training_held_out(inputs):
 
 def model_checkpoint(directory, model_version):
     """A checkpoint's meta as training writes it (evaluation reads only the meta)."""
-    from genre_pipeline.checkpoints import META_FILE, ModelMeta
-    from genre_pipeline.images import PreprocessSpec
+    from genre_pipeline.data.images import PreprocessSpec
+    from genre_pipeline.model.checkpoints import META_FILE, ModelMeta
 
     meta = ModelMeta(arch="efficientnet_lite0", genres=list(GENRES), thresholds=[0.27] * len(GENRES),
                      preprocess=PreprocessSpec(image_size=224, image_height=336, mean=(0.5,) * 3, std=(0.5,) * 3),

@@ -5,7 +5,6 @@ from genre_pipeline.genres import (
     GENRES,
     UnknownGenreError,
     column_name,
-    decode,
     encode,
     labels_from_scores,
     top_genres,
@@ -23,11 +22,11 @@ def test_column_names_are_sql_friendly(genre, column):
     assert column_name(genre) == column
 
 
-def test_encode_decode_round_trip():
+def test_encode_is_multi_hot_in_vocabulary_order():
     vector = encode(["Drama", "Action", "Western"])
     assert vector.dtype == np.float32
     assert np.flatnonzero(vector).tolist() == [0, 7, 17]
-    assert decode(vector) == ["Action", "Drama", "Western"]
+    assert vector.sum() == 3
     assert encode(None).sum() == 0
 
 

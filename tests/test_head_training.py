@@ -4,9 +4,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from genre_pipeline.evaluation import mean_average_precision_at_k
-from genre_pipeline.head_training import Features, extract_features, merge_features, train_head
-from genre_pipeline.images import PreprocessSpec
+from genre_pipeline.data.images import PreprocessSpec
+from genre_pipeline.evaluate.metrics import mean_average_precision_at_k
+from genre_pipeline.train.head import Features, extract_features, merge_features, train_head
 
 
 def separable_features(rows: int, seed: int) -> Features:

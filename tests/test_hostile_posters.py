@@ -15,10 +15,10 @@ from conftest import load_job, save_random_model
 from PIL import Image
 from test_images import dds_header_only
 
-from genre_pipeline import storage
-from genre_pipeline.catalog import CATALOG_SCHEMA
-from genre_pipeline.posters import PosterPolicy, fetch_one, read_poster
-from genre_pipeline.sample import draw_poster, jpeg_bytes
+from genre_pipeline.data import storage
+from genre_pipeline.data.catalog import CATALOG_SCHEMA
+from genre_pipeline.data.posters import PosterPolicy, fetch_one, read_poster
+from genre_pipeline.data.sample import draw_poster, jpeg_bytes
 
 MAX_BYTES = 200_000
 

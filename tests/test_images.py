@@ -7,16 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from genre_pipeline.augmentation import augment_batch, training_augmentation
-from genre_pipeline.images import (
+from genre_pipeline.data.images import (
     IMAGENET_MEAN,
     PosterDecodeError,
     PreprocessSpec,
     decode_poster,
     resize_rgb,
 )
-from genre_pipeline.posters import decode_posters
-from genre_pipeline.tensors import to_model_input
+from genre_pipeline.data.posters import decode_posters
+from genre_pipeline.data.tensors import to_model_input
+from genre_pipeline.train.augmentation import augment_batch, training_augmentation
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:

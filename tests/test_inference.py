@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import save_random_model
 
-from genre_pipeline.checkpoints import load_checkpoint
-from genre_pipeline.inference import GenrePredictor
-from genre_pipeline.tensors import to_model_input
+from genre_pipeline.data.tensors import to_model_input
+from genre_pipeline.model.checkpoints import load_checkpoint
+from genre_pipeline.model.predictor import GenrePredictor
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,9 @@ def test_folded_batch_norms_score_like_the_trained_model(model_uri, images):
 
 
 def test_pretrained_backbones_batch_norms_fold_too(tmp_path, images):
-    from genre_pipeline.checkpoints import ModelMeta, save_checkpoint
     from genre_pipeline.genres import GENRES
-    from genre_pipeline.models import build_model, default_preprocess
+    from genre_pipeline.model.architectures import build_model, default_preprocess
+    from genre_pipeline.model.checkpoints import ModelMeta, save_checkpoint
 
     torch.manual_seed(0)
     meta = ModelMeta(arch="efficientnet_lite0", genres=list(GENRES), thresholds=[0.3] * len(GENRES),

@@ -13,11 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import load_job, save_random_model, write_sample_parts
 
-from genre_pipeline.catalog import CATALOG_SCHEMA
+from genre_pipeline.data.catalog import CATALOG_SCHEMA
+from genre_pipeline.data.sample import draw_poster, jpeg_bytes
+from genre_pipeline.data.storage import StorageOptions
 from genre_pipeline.genres import GENRES, score_columns
-from genre_pipeline.inference import GenrePredictor
-from genre_pipeline.labeller import model_lock
-from genre_pipeline.labelling import (
+from genre_pipeline.label.actor import model_lock
+from genre_pipeline.label.contract import labels_schema
+from genre_pipeline.label.pipeline import (
     DECODE_BATCH_ROWS,
     ActorResources,
     ActorResourcesError,
@@ -27,9 +29,7 @@ from genre_pipeline.labelling import (
     resolve_actor_resources,
     size_cpu_actors,
 )
-from genre_pipeline.labels import labels_schema
-from genre_pipeline.sample import draw_poster, jpeg_bytes
-from genre_pipeline.storage import StorageOptions
+from genre_pipeline.model.predictor import GenrePredictor
 
 GOOD_IDS = range(1, 9)
 EXPECTED_STATUS = {**{i: "ok" for i in GOOD_IDS}, 20: "missing_poster", 21: "missing_poster",

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from genre_pipeline.checkpoints import CheckpointError, ModelMeta, load_checkpoint, read_meta, save_checkpoint
+from genre_pipeline.data.images import PreprocessSpec
 from genre_pipeline.genres import GENRES
-from genre_pipeline.images import PreprocessSpec
-from genre_pipeline.models import WeightsUnavailableError, build_model, default_preprocess
+from genre_pipeline.model.architectures import WeightsUnavailableError, build_model, default_preprocess
+from genre_pipeline.model.checkpoints import CheckpointError, ModelMeta, load_checkpoint, read_meta, save_checkpoint
 
 
 @pytest.mark.parametrize("arch", ["baseline", "cnn", "resnet50"])

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, save_random_model, write_sample_parts
 
 from genre_pipeline.failpoints import DIR_ENV_VAR, ENV_VAR
-from genre_pipeline.warehouse import run_query
+from genre_pipeline.label.warehouse import run_query
 
 NIGHT = "2026-11-20"
 MOVIES = 400

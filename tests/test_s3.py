@@ -33,10 +33,10 @@ from conftest import load_job, save_random_model
 from moto.server import ThreadedMotoServer
 from ray_nodes import DEADLINE_SECONDS, HeadNode, head_node
 
-from genre_pipeline import storage
-from genre_pipeline.catalog import CATALOG_SCHEMA
+from genre_pipeline.data import storage
+from genre_pipeline.data.catalog import CATALOG_SCHEMA
+from genre_pipeline.data.sample import draw_poster, jpeg_bytes
 from genre_pipeline.failpoints import DIR_ENV_VAR, ENV_VAR
-from genre_pipeline.sample import draw_poster, jpeg_bytes
 
 BUCKET = "genre-data"  # private: the IAM user's credentials only
 PUBLIC_BUCKET = "genre-public"  # public-read objects and a policy that lets anyone list and get

@@ -8,7 +8,7 @@ from __future__ import annotations
 import botocore.exceptions
 import pytest
 
-from genre_pipeline import storage
+from genre_pipeline.data import storage
 
 SECRET = "test-secret-Zq8Rk2LmW9"
 

@@ -25,14 +25,15 @@ from conftest import REPO, load_job, save_random_model
 from prometheus_client.parser import text_string_to_metric_families
 from ray_nodes import HeadNode, head_node
 
-from genre_pipeline import posters, telemetry
-from genre_pipeline.catalog import CATALOG_SCHEMA
-from genre_pipeline.checkpoints import ModelMeta
+from genre_pipeline import telemetry
+from genre_pipeline.data import posters
+from genre_pipeline.data.catalog import CATALOG_SCHEMA
+from genre_pipeline.data.images import PreprocessSpec
+from genre_pipeline.data.sample import draw_poster, jpeg_bytes
 from genre_pipeline.genres import GENRES
-from genre_pipeline.images import PreprocessSpec
-from genre_pipeline.labelling import LabelConfig, LabelSummary
-from genre_pipeline.labels import STATUSES
-from genre_pipeline.sample import draw_poster, jpeg_bytes
+from genre_pipeline.label.contract import STATUSES
+from genre_pipeline.label.pipeline import LabelConfig, LabelSummary
+from genre_pipeline.model.checkpoints import ModelMeta
 
 # movie_id -> the status the label job must give it
 LABEL_INPUT_STATUS = {**{i: "ok" for i in range(1, 7)}, 7: "missing_poster", 8: "missing_poster",
@@ -67,11 +68,16 @@ def expected_status_counts() -> dict[str, int]:
     return counts
 
 
+def live_metrics() -> list[telemetry.LiveMetric]:
+    """Every LiveMetric the telemetry module defines: a new one cannot miss the naming and docs checks."""
+    return [value for value in vars(telemetry).values() if isinstance(value, telemetry.LiveMetric)]
+
+
 # --- names ---------------------------------------------------------------------------------------------------
 
 
 def test_live_metrics_follow_prometheus_naming():
-    described = {(m.name, m.kind, m.tag_keys) for m in telemetry.LIVE_METRICS}
+    described = {(m.name, m.kind, m.tag_keys) for m in live_metrics()}
     assert described == {
         ("genre_pipeline_posters_total", "counter", ("status",)),
         ("genre_pipeline_predict_batch_seconds", "histogram", ("device",)),
@@ -120,7 +126,7 @@ def test_pushed_metrics_are_gauges_named_by_convention_and_documented(monkeypatc
                      "genre_pipeline_label_posters_per_second", "genre_pipeline_label_last_success_timestamp_seconds",
                      "genre_pipeline_model_info"}
     documented = set(re.findall(r"^\| `([a-z0-9_:]+)`", (REPO / "docs" / "operations.md").read_text(), re.MULTILINE))
-    live = {RAY_PREFIX + metric.name for metric in telemetry.LIVE_METRICS}
+    live = {RAY_PREFIX + metric.name for metric in live_metrics()}
     missing = sorted((names | live) - documented)
     assert not missing, "docs/operations.md (Metrics) lacks " + ", ".join(missing)
     assert all(name.startswith("genre_pipeline_") and not name.endswith("_total") for name in names)

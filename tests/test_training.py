@@ -17,21 +17,21 @@ import pytest
 import torch
 from conftest import REPO, load_job
 
-from genre_pipeline.catalog import is_validation
-from genre_pipeline.checkpoints import read_meta
-from genre_pipeline.evaluation import frequency_prior, mean_average_precision_at_k, prior_scores
+from genre_pipeline.data.catalog import is_validation
+from genre_pipeline.data.images import PreprocessSpec
+from genre_pipeline.data.storage import StorageOptions
+from genre_pipeline.evaluate.metrics import frequency_prior, mean_average_precision_at_k, prior_scores
 from genre_pipeline.failpoints import DIR_ENV_VAR, ENV_VAR
 from genre_pipeline.genres import GENRES, encode_many
-from genre_pipeline.images import PreprocessSpec
-from genre_pipeline.models import build_model
-from genre_pipeline.storage import StorageOptions
-from genre_pipeline.training import TRAIN_STATE_FILE, LoopConfig, global_rows, lr_lambdas, train_one_epoch
-from genre_pipeline.training_data import (
+from genre_pipeline.model.architectures import build_model
+from genre_pipeline.model.checkpoints import read_meta
+from genre_pipeline.train.data import (
     fingerprint,
     load_training_rows,
     positive_weights,
     split_rows,
 )
+from genre_pipeline.train.loop import TRAIN_STATE_FILE, LoopConfig, global_rows, lr_lambdas, train_one_epoch
 
 # Ray Train writes it when it registers a reported checkpoint: from then on a restart resumes from it.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"

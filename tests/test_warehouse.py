@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import save_random_model
 
-from genre_pipeline.catalog import write_catalog
+from genre_pipeline.data.catalog import write_catalog
+from genre_pipeline.data.sample import build_sample_catalog
 from genre_pipeline.genres import GENRES
-from genre_pipeline.labelling import LabelConfig, label_catalog
-from genre_pipeline.output import LABELS_FILE, NightStore
-from genre_pipeline.sample import build_sample_catalog
-from genre_pipeline.warehouse import QUERIES, run_query
+from genre_pipeline.label.commit import LABELS_FILE, NightStore
+from genre_pipeline.label.pipeline import LabelConfig, label_catalog
+from genre_pipeline.label.warehouse import QUERIES, run_query
 
 OPERATIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"  # the warehouse's reference
 NIGHTS = ("2026-11-01", "2026-11-02")
@@ -135,4 +135,5 @@ def test_readme_queries_are_the_tested_ones():
     normalise = lambda sql: " ".join(sql.replace(";", "").split())  # noqa: E731
     readme = normalise(OPERATIONS_DOC.read_text())
     for name, sql in QUERIES.items():
-        assert normalise(sql) in readme, f"docs/operations.md's '{name}' query differs from genre_pipeline/warehouse.py"
+        assert normalise(sql) in readme, (
+            f"docs/operations.md's '{name}' query differs from genre_pipeline/label/warehouse.py")

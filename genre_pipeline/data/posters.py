@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from genre_pipeline import storage, telemetry
-from genre_pipeline.images import PosterDecodeError, Size, as_shape, decode_poster
-from genre_pipeline.labels import (
+from genre_pipeline import telemetry
+from genre_pipeline.data import storage
+from genre_pipeline.data.images import PosterDecodeError, Size, as_shape, decode_poster
+from genre_pipeline.label.contract import (
     STATUS_FETCH_FAILED,
     STATUS_MISSING,
     STATUS_OK,

@@ -17,10 +17,11 @@ from datetime import datetime
 import numpy as np
 import pyarrow as pa
 
-from genre_pipeline import failpoints, storage
-from genre_pipeline.inference import GenrePredictor
-from genre_pipeline.labels import STATUS_INFERENCE_FAILED, STATUS_OK, to_label_table
-from genre_pipeline.posters import Batch, PosterPolicy, decode_posters, fetch_posters
+from genre_pipeline import failpoints
+from genre_pipeline.data import storage
+from genre_pipeline.data.posters import Batch, PosterPolicy, decode_posters, fetch_posters
+from genre_pipeline.label.contract import STATUS_INFERENCE_FAILED, STATUS_OK, to_label_table
+from genre_pipeline.model.predictor import GenrePredictor
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from genre_pipeline import storage
-from genre_pipeline.catalog import CATALOG_SCHEMA
+from genre_pipeline.data import storage
+from genre_pipeline.data.catalog import CATALOG_SCHEMA
 from genre_pipeline.genres import GENRES
 
 # Fraction of MovieLens-1M movies carrying each genre (ML-1M order), rounded.

@@ -14,13 +14,14 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import ray
 
-from genre_pipeline import failpoints, storage
-from genre_pipeline.catalog import CatalogError, check_movie_ids, validate_schema
-from genre_pipeline.checkpoints import PinnedModel, pin_model
-from genre_pipeline.labeller import PosterLabeller
-from genre_pipeline.labels import STATUS_OK, labels_schema
-from genre_pipeline.output import NightSpool, NightStore
-from genre_pipeline.posters import DEFAULT_MAX_POSTER_BYTES, PosterPolicy, decode_posters, fetch_posters
+from genre_pipeline import failpoints
+from genre_pipeline.data import storage
+from genre_pipeline.data.catalog import CatalogError, check_movie_ids, validate_schema
+from genre_pipeline.data.posters import DEFAULT_MAX_POSTER_BYTES, PosterPolicy, decode_posters, fetch_posters
+from genre_pipeline.label.actor import PosterLabeller
+from genre_pipeline.label.commit import NightSpool, NightStore
+from genre_pipeline.label.contract import STATUS_OK, labels_schema
+from genre_pipeline.model.checkpoints import PinnedModel, pin_model
 from genre_pipeline.runtime import TORCH_WORKER_ENV
 
 logger = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ def score_posters(posters: ray.data.Dataset, config: LabelConfig, model: PinnedM
                                "num_threads": resources.threads, "forward_batch": resolve_batch_size(config),
                                "storage_options": options, "poster_policy": poster_policy(config)},
         # Two calls at once per actor: one prepares its batch (on CPUs: fetch and decode) or builds its label
-        # rows while the other scores (see labeller.model_lock). No more: Ray Data's default queues two more
+        # rows while the other scores (see actor.model_lock). No more: Ray Data's default queues two more
         # blocks behind a busy actor, where they wait while other actors run out of work at the run's end.
         compute=ray.data.ActorPoolStrategy(size=resources.actors, max_concurrent_calls_per_actor=2,
                                            max_tasks_in_flight_per_actor=2, enable_true_multi_threading=True),

@@ -1,22 +1,20 @@
-"""Multi-label metrics of the study: F1 (micro, macro, samples), mAP@K, per-genre AP, threshold tuning, plots.
+"""Multi-label metrics of the study: F1 (micro, macro, samples), mAP@K, per-genre AP, threshold tuning.
 
 Pure numpy on `(rows, genres)` arrays in the vocabulary's column order: `y_true` and `predicted` are multi-hot
 (anything > 0 counts as a label), `scores` are sigmoid outputs. No Ray here, so training (every epoch, on the
 validation rows), the evaluation job and the tests share one definition of each number. F1 follows
 `sklearn.metrics.f1_score(..., zero_division=0)`, mAP@K follows ml_metrics' `apk`, AP follows
-`sklearn.metrics.average_precision_score`.
+`sklearn.metrics.average_precision_score`. No plotting library here: training workers import this module
+(rendering lives in `report.py` and `plots.py`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES
 
@@ -118,19 +116,6 @@ def f1_samples(y_true: np.ndarray, predicted: np.ndarray) -> float:
     """Mean of per-row F1; a row with no true and no predicted genre counts 0, as sklearn does."""
     per_row = _f1_from_counts(*confusion_counts(y_true, predicted, axis=1))
     return float(per_row.mean()) if per_row.size else 0.0
-
-
-def average_precision_at_k(actual: set[int] | Sequence[int], ranked: Sequence[int], k: int) -> float:
-    """ml_metrics' apk: sum of precision@i at each hit among the top k, over min(len(actual), k)."""
-    actual, top = set(actual), list(ranked)[:k]
-    if not actual:
-        return 0.0
-    hits, score = 0, 0.0
-    for i, item in enumerate(top):
-        if item in actual and item not in top[:i]:  # a repeated prediction is not a second hit
-            hits += 1
-            score += hits / (i + 1)
-    return score / min(len(actual), k)
 
 
 def rank_genres(scores: np.ndarray) -> np.ndarray:
@@ -265,62 +250,3 @@ def frequency_prior(train_y: np.ndarray) -> np.ndarray:
 def prior_scores(prior: np.ndarray, n_rows: int) -> np.ndarray:
     """The prior's score matrix for `n_rows` movies: the same genre frequencies on every row."""
     return np.tile(np.asarray(prior, dtype=np.float64), (n_rows, 1))
-
-
-def _cell(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.4f}"
-
-
-def render_summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
-    """The study's table as Markdown: one row per model (e.g. `model`, `frequency prior`)."""
-    header = "| | " + " | ".join(title for _, title in SUMMARY_COLUMNS) + " |"
-    rule = "| --- |" + " ---: |" * len(SUMMARY_COLUMNS)
-    lines = [f"| {name} | " + " | ".join(_cell(values[key]) for key, _ in SUMMARY_COLUMNS) + " |"
-             for name, values in rows.items()]
-    return "\n".join([header, rule, *lines])
-
-
-def render_per_genre_table(per_genre: Sequence[GenreMetrics]) -> str:
-    header = "| genre | support | predicted | precision | recall | F1 | AP |"
-    rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-    lines = [f"| {g.genre} | {g.support} | {g.predicted} | {_cell(g.precision)} | {_cell(g.recall)} | "
-             f"{_cell(g.f1)} | {_cell(g.average_precision)} |" for g in per_genre]
-    return "\n".join([header, rule, *lines])
-
-
-def _save(figure: Figure, path: str | Path | BinaryIO) -> None:
-    figure.tight_layout()
-    figure.savefig(path, format="png", dpi=120)
-
-
-def plot_genre_distribution(
-    train_counts: Sequence[int], test_counts: Sequence[int], path: str | Path | BinaryIO, *,
-    genres: Sequence[str] = GENRES, split_names: tuple[str, str] = ("train", "test"),
-) -> None:
-    """Grouped bar chart of genre counts per split, as in the study's figures; PNG to a path or binary file."""
-    # A bare Figure renders with Agg and touches no pyplot global state: safe in jobs, tests and threads.
-    figure = Figure(figsize=(12, 5))
-    axes = figure.add_subplot()
-    positions, width = np.arange(len(genres)), 0.4
-    axes.bar(positions - width / 2, train_counts, width, label=split_names[0])
-    axes.bar(positions + width / 2, test_counts, width, label=split_names[1])
-    axes.set_xticks(positions, list(genres), rotation=45, ha="right")
-    axes.set_ylabel("movies")
-    axes.set_title("Genre distribution per split")
-    axes.legend()
-    _save(figure, path)
-
-
-def plot_per_genre_f1(per_genre: Sequence[GenreMetrics], path: str | Path | BinaryIO) -> None:
-    """Horizontal bars of each genre's F1, its support written beside the bar (rare genres explain low F1)."""
-    figure = Figure(figsize=(8, 6))
-    axes = figure.add_subplot()
-    positions = np.arange(len(per_genre))
-    bars = axes.barh(positions, [g.f1 for g in per_genre])
-    axes.bar_label(bars, labels=[f"n={g.support}" for g in per_genre], padding=3, fontsize=8)
-    axes.set_yticks(positions, [g.genre for g in per_genre])
-    axes.invert_yaxis()  # the vocabulary order, top to bottom
-    axes.set_xlim(0, 1.1)
-    axes.set_xlabel("F1")
-    axes.set_title("F1 per genre")
-    _save(figure, path)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from genre_pipeline.images import PreprocessSpec
-from genre_pipeline.tensors import to_model_input
+from genre_pipeline.data.images import PreprocessSpec
+from genre_pipeline.data.tensors import to_model_input
 
 HEAD_BATCH_SIZE = 64  # rows of cached features per step: the head is one linear layer, steps are microseconds
 HEAD_PATIENCE = 20  # head epochs without a better validation score before the phase stops

@@ -1,5 +1,5 @@
 """Poster decoding and resizing, shared by training and inference (normalising: `tensors.py`, augmenting:
-`augmentation.py`).
+`train/augmentation.py`).
 
 Everything is driven by a `PreprocessSpec` stored in the checkpoint, so the label job preprocesses exactly
 as training did and never takes these settings from its command line. Free of torch on purpose: Ray Data's

@@ -22,13 +22,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from genre_pipeline import failpoints, storage
-from genre_pipeline.checkpoints import ModelMeta, runtime_versions, save_checkpoint
-from genre_pipeline.evaluation import metrics_line, summary_metrics, tune_thresholds
-from genre_pipeline.head_training import Features, extract_features, merge_features, train_head
-from genre_pipeline.images import PreprocessSpec
-from genre_pipeline.models import GenreNet, build_model
-from genre_pipeline.tensors import to_model_input
+from genre_pipeline import failpoints
+from genre_pipeline.data import storage
+from genre_pipeline.data.images import PreprocessSpec
+from genre_pipeline.data.tensors import to_model_input
+from genre_pipeline.evaluate.metrics import metrics_line, summary_metrics, tune_thresholds
+from genre_pipeline.model.architectures import GenreNet, build_model
+from genre_pipeline.model.checkpoints import ModelMeta, runtime_versions, save_checkpoint
+from genre_pipeline.train.head import Features, extract_features, merge_features, train_head
 
 logger = logging.getLogger(__name__)
 

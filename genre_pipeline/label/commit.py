@@ -33,8 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from genre_pipeline import failpoints, storage
-from genre_pipeline.labels import PARTITION_KEY, STATUS_OK
+from genre_pipeline import failpoints
+from genre_pipeline.data import storage
+from genre_pipeline.label.contract import PARTITION_KEY, STATUS_OK
 
 logger = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from genre_pipeline import storage
-from genre_pipeline.augmentation import augment_batch, training_augmentation
-from genre_pipeline.catalog import is_validation, read_catalog
+from genre_pipeline.data import storage
+from genre_pipeline.data.catalog import is_validation, read_catalog
+from genre_pipeline.data.images import Size
+from genre_pipeline.data.posters import decode_posters, fetch_posters
 from genre_pipeline.genres import encode_many
-from genre_pipeline.images import Size
-from genre_pipeline.labels import STATUS_OK
-from genre_pipeline.posters import decode_posters, fetch_posters
+from genre_pipeline.label.contract import STATUS_OK
+from genre_pipeline.train.augmentation import augment_batch, training_augmentation
 
 TRAIN_COLUMNS = ["movie_id", "genres", "poster_uri"]
 # Rows per Ray Data block: several blocks per epoch so decoding runs in parallel tasks and streams.

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genre_pipeline import storage
-from genre_pipeline.images import PreprocessSpec
-from genre_pipeline.models import GenreNet, build_model
+from genre_pipeline.data import storage
+from genre_pipeline.data.images import PreprocessSpec
+from genre_pipeline.model.architectures import GenreNet, build_model
 
 WEIGHTS_FILE = "model.pt"
 META_FILE = "meta.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from genre_pipeline.images import PreprocessSpec
+from genre_pipeline.data.images import PreprocessSpec
 
 
 def to_model_input(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:

@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from genre_pipeline import storage
-from genre_pipeline.backbones import (
+from genre_pipeline.data import storage
+from genre_pipeline.data.images import PreprocessSpec
+from genre_pipeline.model.backbones import (
     LITE_VARIANTS,
     WeightsUnavailableError,
     create_lite,
@@ -25,7 +26,6 @@ from genre_pipeline.backbones import (
     package_weights_file,
     read_state_dict,
 )
-from genre_pipeline.images import PreprocessSpec
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from genre_pipeline.images import Size, as_shape
+from genre_pipeline.data.images import Size, as_shape
 
 
 def training_augmentation(image_size: Size) -> v2.Compose:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from genre_pipeline import storage
+from genre_pipeline.data import storage
 
 
 class WeightsUnavailableError(RuntimeError):

@@ -12,26 +12,26 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from genre_pipeline import storage
-from genre_pipeline.checkpoints import META_FILE, ModelMeta, publish_checkpoint
-from genre_pipeline.evaluation import THRESHOLD_OBJECTIVES
+from genre_pipeline.data import storage
+from genre_pipeline.evaluate.metrics import THRESHOLD_OBJECTIVES
 from genre_pipeline.genres import GENRES
-from genre_pipeline.models import PRETRAINED_ARCHS, default_preprocess, weights_source
+from genre_pipeline.model.architectures import PRETRAINED_ARCHS, default_preprocess, weights_source
+from genre_pipeline.model.checkpoints import META_FILE, ModelMeta, publish_checkpoint
 from genre_pipeline.runtime import TORCH_WORKER_ENV
-from genre_pipeline.training import (
+from genre_pipeline.train.data import (
+    fingerprint,
+    load_training_rows,
+    positive_weights,
+    split_rows,
+    to_dataset,
+)
+from genre_pipeline.train.loop import (
     TRAIN_DATASET,
     TRAIN_FEATURES_DATASET,
     VAL_DATASET,
     LoopConfig,
     recipe_of,
     train_loop_per_worker,
-)
-from genre_pipeline.training_data import (
-    fingerprint,
-    load_training_rows,
-    positive_weights,
-    split_rows,
-    to_dataset,
 )
 
 logger = logging.getLogger(__name__)

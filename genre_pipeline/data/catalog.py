@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from genre_pipeline import storage
+from genre_pipeline.data import storage
 from genre_pipeline.genres import GENRES
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from genre_pipeline import storage
+from genre_pipeline.data import storage
 
 LABELS_VIEW = """
 CREATE OR REPLACE VIEW labels AS

@@ -1,0 +1,1 @@
+"""Data: the catalogue contract and MovieLens ingestion, storage, poster fetching, image decoding."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics and threshold tuning, the evaluation report and its plots."""

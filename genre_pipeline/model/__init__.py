@@ -1,0 +1,1 @@
+"""Models: architectures and pretrained backbones, self-describing checkpoints, the predictor."""

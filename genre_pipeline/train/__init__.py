@@ -1,0 +1,1 @@
+"""Training: the Ray Train worker loop, training data and augmentation, the driver."""

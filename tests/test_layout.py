@@ -1,0 +1,120 @@
+"""The package layout: every module imports on its own, imports form no cycle, no private names cross modules, and
+the processes that train or label never load matplotlib (only the evaluation report plots)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+PACKAGE = REPO / "genre_pipeline"
+# The modules that Ray Train workers and the label job's tasks and actors import: no plotting library there.
+WORKER_MODULES = ("genre_pipeline.train.loop", "genre_pipeline.label.pipeline")
+PLOTTING_MODULES = {"genre_pipeline.evaluate.plots", "genre_pipeline.evaluate.report"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+@dataclass(frozen=True)
+class FreshImport:
+    returncode: int
+    stderr: str
+    loads_matplotlib: bool
+
+
+def import_fresh(module: str) -> FreshImport:
+    """Import `module` first thing in a new interpreter: an import cycle fails when one of its modules comes first."""
+    code = f"import sys, {module}; print(any(m.split('.')[0] == 'matplotlib' for m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    return FreshImport(result.returncode, result.stderr[-2000:], result.stdout.strip().endswith("True"))
+
+
+@pytest.fixture(scope="module")
+def fresh_imports() -> dict[str, FreshImport]:
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return dict(zip(MODULES, pool.map(import_fresh, MODULES), strict=True))
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter(fresh_imports):
+    failed = {module: result.stderr for module, result in fresh_imports.items() if result.returncode}
+    assert not failed, "\n\n".join(f"{module}:\n{stderr}" for module, stderr in failed.items())
+
+
+@pytest.mark.parametrize("module", WORKER_MODULES)
+def test_worker_modules_do_not_load_matplotlib(fresh_imports, module):
+    assert fresh_imports[module].returncode == 0, fresh_imports[module].stderr
+    assert not fresh_imports[module].loads_matplotlib
+
+
+def test_only_the_evaluation_report_loads_matplotlib(fresh_imports):
+    assert {module for module, result in fresh_imports.items() if result.loads_matplotlib} == PLOTTING_MODULES
+
+
+def module_imports(path: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """(module, names) of each `import` / `from ... import` run when the module loads (not those in functions)."""
+    found: list[tuple[str, tuple[str, ...]]] = []
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, ()) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                found.append((child.module, tuple(alias.name for alias in child.names)))
+            elif not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                visit(child)
+
+    visit(ast.parse(path.read_text(), filename=str(path)))
+    return found
+
+
+def internal_dependencies(path: Path) -> set[str]:
+    """The genre_pipeline modules that loading `path` imports (a `from package import module` names the module)."""
+    dependencies = set()
+    for module, names in module_imports(path):
+        if module in MODULES:
+            dependencies.add(module)
+            dependencies.update(f"{module}.{name}" for name in names if f"{module}.{name}" in MODULES)
+    return dependencies
+
+
+def test_imports_form_no_cycle():
+    graph = {module: internal_dependencies(path) for module, path in MODULES.items()}
+    state: dict[str, str] = {}  # "visiting" while on the current path, "done" once all it imports is checked
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "visiting"
+        for dependency in sorted(graph[module]):
+            if state.get(dependency) == "visiting":
+                cycle = path[path.index(dependency):] + [module, dependency]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if dependency not in state:
+                visit(dependency, [*path, module])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])
+
+
+def test_no_private_name_is_imported_across_modules():
+    sources = [*PACKAGE.rglob("*.py"), *(REPO / "jobs").glob("*.py"), *(REPO / "tests").glob("*.py"),
+               *(REPO / "benchmarks").glob("*.py")]
+    private = sorted(f"{path.relative_to(REPO)}: from {module} import {name}"
+                     for path in sources for module, names in module_imports(path)
+                     if module.split(".")[0] == "genre_pipeline" for name in names if name.startswith("_"))
+    assert not private, "\n".join(private)
