@@ -3,15 +3,21 @@ commits the rest (real local Ray, the job's own entry point)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import load_job, save_random_model
+from conftest import REPO, load_job, save_random_model
 from PIL import Image
 from test_images import dds_header_only
 
@@ -21,6 +27,10 @@ from genre_pipeline.data.posters import PosterPolicy, fetch_one, read_poster
 from genre_pipeline.data.sample import draw_poster, jpeg_bytes
 
 MAX_BYTES = 200_000
+# The whole job (driver, a local Ray, its actors) in a memory cgroup of this size: about twice its peak here,
+# far less than /dev/zero read to the end would take.
+MEMORY_LIMIT_BYTES = 4 << 30
+JOB_SECONDS = 300
 
 
 def png_bomb() -> bytes:
@@ -85,6 +95,59 @@ def test_every_hostile_poster_gets_a_status_and_the_night_commits(ray_local, hos
     assert "not a regular file" in errors[104]
     assert f"over --max-poster-bytes {MAX_BYTES:,}" in errors[103]
     assert "pixels is more than a poster's" in errors[102]
+
+
+def memory_cgroup_parent() -> Path | None:
+    """This process's cgroup v1 memory folder, when a child group can be made there (root); else None."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            return folder if (folder / "cgroup.procs").exists() and os.access(folder, os.W_OK) else None
+    return None
+
+
+@pytest.fixture
+def memory_cgroup():
+    parent = memory_cgroup_parent()
+    if parent is None:
+        pytest.skip("needs a writable cgroup v1 memory controller (root) to limit the job's memory")
+    group = parent / f"genre-pipeline-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(str(MEMORY_LIMIT_BYTES))
+    try:
+        yield group
+    finally:
+        while pids := (group / "cgroup.procs").read_text().split():  # whatever the job left running
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.1)
+        group.rmdir()
+
+
+@pytest.mark.slow
+def test_the_hostile_night_commits_under_a_memory_limit_within_a_time_bound(hostile, memory_cgroup, tmp_path):
+    output = tmp_path / "labels"
+    command = [sys.executable, "jobs/label_catalog.py", "--catalog", hostile["catalog"], "--model", hostile["model"],
+               "--output", str(output), "--run-date", "2026-11-30", "--max-poster-bytes", str(MAX_BYTES)]
+
+    def join_cgroup() -> None:  # in the child before exec: the job and everything it starts are in the group
+        (memory_cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    job = subprocess.Popen(command, cwd=REPO, preexec_fn=join_cgroup, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        log, _ = job.communicate(timeout=JOB_SECONDS)
+    finally:
+        job.kill()
+    assert job.returncode == 0, log[-3000:]
+    night = pq.read_table(output / "run_date=2026-11-30" / "labels.parquet").to_pylist()
+    assert {row["movie_id"]: row["status"] for row in night} == hostile["expected"]
+    oom = dict(line.split() for line in (memory_cgroup / "memory.oom_control").read_text().splitlines())
+    assert oom.get("oom_kill", "0") == "0", f"a process of the job was OOM-killed: {oom}"
+    peak = int((memory_cgroup / "memory.max_usage_in_bytes").read_text())
+    print(f"peak memory of the job's cgroup: {peak / 2**20:.0f} MiB of {MEMORY_LIMIT_BYTES / 2**20:.0f} MiB")
 
 
 def test_default_root_is_the_catalogue_folder_and_roots_are_checked_after_resolving(hostile):
