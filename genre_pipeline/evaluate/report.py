@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import is_validation, read_catalog, validate_schema
 from genre_pipeline.data.images import PreprocessSpec
+from genre_pipeline.errors import JobInputError
 from genre_pipeline.evaluate import plots
 from genre_pipeline.evaluate.metrics import (
     SUMMARY_COLUMNS,
@@ -48,7 +49,7 @@ PARTITION_DIR = re.compile(rf"^{PARTITION_KEY}=(\d{{4}}-\d{{2}}-\d{{2}})$")
 TRUE_GENRES, PREDICTED = "true_genres", "predicted_genres"
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(JobInputError, ValueError):
     """Labels or catalogue that cannot be evaluated; the message names the file, column or genre."""
 
 

@@ -18,6 +18,7 @@ from genre_pipeline import failpoints
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import CatalogError, check_movie_ids, validate_schema
 from genre_pipeline.data.posters import DEFAULT_MAX_POSTER_BYTES, PosterPolicy, decode_posters, fetch_posters
+from genre_pipeline.errors import JobInputError
 from genre_pipeline.label.actor import PosterLabeller
 from genre_pipeline.label.commit import NightSpool, NightStore
 from genre_pipeline.label.contract import STATUS_OK, labels_schema
@@ -106,11 +107,11 @@ def resolve_batch_size(config: LabelConfig) -> int:
     return config.batch_size or DEFAULT_BATCH_SIZE["cuda" if config.on_gpu else "cpu"]
 
 
-class ActorResourcesError(ValueError):
+class ActorResourcesError(JobInputError, ValueError):
     """Actor sizes this cluster cannot run (the job would wait forever)."""
 
 
-class FailedNightError(RuntimeError):
+class FailedNightError(JobInputError, RuntimeError):
     """Too many posters failed for the night to be published; nothing was committed."""
 
 

@@ -13,6 +13,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from genre_pipeline.data import storage
+from genre_pipeline.errors import ConfigError, JobInputError
 from genre_pipeline.evaluate.metrics import THRESHOLD_OBJECTIVES
 from genre_pipeline.genres import GENRES
 from genre_pipeline.model.architectures import PRETRAINED_ARCHS, default_preprocess, weights_source
@@ -55,11 +56,11 @@ RESUME_FIXED = ("arch", "data_fingerprint", "image_size", "lr", "weight_decay", 
                 "backbone_lr_scale", "batch_size", "class_weighting", "seed", "threshold_objective")
 
 
-class TrainResourcesError(ValueError):
+class TrainResourcesError(JobInputError, ValueError):
     """Worker sizes the cluster cannot run beside Ray Data's decoding: the run would wait forever."""
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(JobInputError, ValueError):
     """A run name resumed with settings or data that differ from its checkpoints."""
 
 
@@ -107,12 +108,12 @@ class TrainJobConfig:
     def validate(self) -> None:
         """Settings that cannot work, refused before Ray starts."""
         if self.threshold_objective not in THRESHOLD_OBJECTIVES:
-            raise ValueError(f"--threshold-objective {self.threshold_objective!r}: one of {THRESHOLD_OBJECTIVES}")
+            raise ConfigError(f"--threshold-objective {self.threshold_objective!r}: one of {THRESHOLD_OBJECTIVES}")
         if self.resolved_head_epochs > 0 and not self.starts_pretrained:
-            raise ValueError(f"--head-epochs {self.head_epochs}: a head phase needs a pretrained backbone "
+            raise ConfigError(f"--head-epochs {self.head_epochs}: a head phase needs a pretrained backbone "
                              f"(arch {self.arch!r} starts from random weights); pass --head-epochs 0")
         if self.epochs == 0 and self.resolved_head_epochs == 0:
-            raise ValueError("--epochs 0 and no head phase: nothing would be trained")
+            raise ConfigError("--epochs 0 and no head phase: nothing would be trained")
         self.check_ranges()
 
     def check_ranges(self) -> None:
@@ -121,14 +122,14 @@ class TrainJobConfig:
 
         for name in ("epochs", "patience", "seed", "weight_decay", "head_epochs"):
             if (getattr(self, name) or 0) < 0:
-                raise ValueError(f"{flag(name)}: must be 0 or more")
+                raise ConfigError(f"{flag(name)}: must be 0 or more")
         for name in ("batch_size", "num_workers", "lr", "head_lr", "cpus_per_worker", "backbone_lr_scale"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{flag(name)}: must be more than 0")
+                raise ConfigError(f"{flag(name)}: must be more than 0")
         if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:
-            raise ValueError(f"{flag('image_size')}: must be at least {MIN_IMAGE_SIZE}")
+            raise ConfigError(f"{flag('image_size')}: must be at least {MIN_IMAGE_SIZE}")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"{flag('val_fraction')}: must be between 0 and 1")
+            raise ConfigError(f"{flag('val_fraction')}: must be between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
     rows = load_training_rows(config.catalog, config.storage_options)
     train_rows, val_rows = split_rows(rows, config.val_fraction)
     if val_rows.num_rows == 0:
-        raise ValueError(f"{config.catalog}: --val-fraction {config.val_fraction} leaves no validation rows")
+        raise ConfigError(f"{config.catalog}: --val-fraction {config.val_fraction} leaves no validation rows")
     loop = loop_config(config, train_rows, val_rows)
     check_resume(config, loop)
     # A Ray this job started itself cannot grow; a joined cluster may still be adding nodes.
