@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from genre_pipeline.errors import JobInputError
+
 # ML-1M's own order (its README): the column order of every score matrix in this project.
 GENRES: tuple[str, ...] = (
     "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -18,7 +20,7 @@ GENRES: tuple[str, ...] = (
 DEFAULT_THRESHOLD = 0.3
 
 
-class UnknownGenreError(ValueError):
+class UnknownGenreError(JobInputError, ValueError):
     """A genre name that is not in the vocabulary in use."""
 
 

@@ -1,14 +1,17 @@
-"""What every job entry point shares: logging, Ray start-up, storage flags."""
+"""What every job entry point shares: logging, Ray start-up, and `run_job`, which turns a bad input into exit 2."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import ray
 
-from genre_pipeline.data.storage import StorageOptions
+from genre_pipeline.errors import EXIT_2_ERRORS
+from genre_pipeline.telemetry import push_job_failure
 
 # For the processes that run torch (label actors, training workers), read when the process starts. glibc
 # serves allocations over 32 MB (a batch's activations) with mmap in threads other than the main one, and Ray
@@ -40,13 +43,33 @@ def init_ray() -> None:
     ray.init(log_to_driver=True)
 
 
-def add_storage_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("object storage (credentials come from the standard AWS chain)")
-    group.add_argument("--endpoint-url", default=None,
-                       help="S3-compatible endpoint (MinIO, moto, ...); default: AWS_ENDPOINT_URL or AWS itself")
-    group.add_argument("--anonymous", action="store_true", help="unsigned requests, for public buckets")
-    group.add_argument("--region", default=None, help="S3 region; default: the AWS chain's")
+@dataclass(frozen=True)
+class FailureMetric:
+    """Where a refused run is recorded: `genre_pipeline_<name>` (its Unix time) in the Pushgateway group
+    {job, run}, beside what an earlier success of the same run pushed."""
+
+    gateway: str | None  # HOST:PORT; None pushes nothing
+    job: str
+    run: str
+    name: str
 
 
-def storage_options_from(args: argparse.Namespace) -> StorageOptions:
-    return StorageOptions(endpoint_url=args.endpoint_url, anonymous=args.anonymous, region=args.region)
+def run_job(body: Callable[[], None], *, logger: logging.Logger, checks: Sequence[Callable[[], None]] = (),
+            ray_needed: bool = False, failure: FailureMetric | None = None) -> int:
+    """Run a job: its checks before Ray starts (a wrong setting, endpoint or bucket then costs seconds), Ray if
+    the job needs it, then its body. 0 when the body returns; 2, logged and pushed as a failure, on a bad input
+    or a refused run (`EXIT_2_ERRORS`). Anything else is a bug and keeps its traceback."""
+    setup_logging()
+    try:
+        for check in checks:
+            check()
+        if ray_needed:
+            init_ray()
+        body()
+    except EXIT_2_ERRORS as error:
+        logger.error("%s", error)
+        if failure is not None:
+            push_job_failure(failure.gateway, job=failure.job, run=failure.run, name=failure.name,
+                             timestamp=time.time())
+        return 2
+    return 0

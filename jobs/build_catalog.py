@@ -11,9 +11,10 @@ when it ends in `.parquet`, the catalogue file itself. Local paths or s3:// URIs
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # `ray job submit --working-dir .` and plain `python jobs/...` both run from the repository root:
@@ -23,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from genre_pipeline.data import storage  # noqa: E402
 from genre_pipeline.data.catalog import (  # noqa: E402
     DEFAULT_POSTER_PATTERN,
-    CatalogError,
     list_posters,
     movies_to_table,
     read_movies_dat,
@@ -31,51 +31,65 @@ from genre_pipeline.data.catalog import (  # noqa: E402
     write_catalog,
 )
 from genre_pipeline.data.sample import POSTER_SIZE, build_sample_catalog  # noqa: E402
-from genre_pipeline.runtime import add_storage_flags, setup_logging, storage_options_from  # noqa: E402
+from genre_pipeline.jobs_cli import (  # noqa: E402
+    STORAGE_FLAGS,
+    add_config_flags,
+    add_storage_flags,
+    config_from_args,
+    flag,
+    storage_options_from,
+)
+from genre_pipeline.runtime import run_job  # noqa: E402
 
 logger = logging.getLogger("build_catalog")
 
 
-@dataclass(frozen=True)
+def pixel_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT")
+    return int(width), int(height)
+
+
+@dataclass(frozen=True, kw_only=True)  # keyword-only: the required --out can follow the sources, as in --help
 class Config:
-    out: str
-    movielens_dir: str | None
-    posters: str | None
-    poster_pattern: str
-    split_file: str | None
-    sample: int | None
-    poster_size: tuple[int, int]
-    seed: int
-    storage_options: storage.StorageOptions
+    """The catalogue job's settings; each field's metadata is its flag. One of the two sources is required."""
+
+    movielens_dir: str | None = field(default=None, metadata=flag(
+        "folder (or s3:// prefix) holding MovieLens-1M movies.dat"))
+    sample: int | None = field(default=None, metadata=flag(
+        "generate a sample catalogue of N movies", metavar="N"))
+    out: str = field(metadata=flag("output directory or .parquet file (local or s3://)"))
+    posters: str | None = field(default=None, metadata=flag(
+        "folder or s3:// prefix of the posters (MovieLens mode)"))
+    poster_pattern: str = field(default=DEFAULT_POSTER_PATTERN, metadata=flag(
+        "poster file name under --posters, formatted with {movie_id}"))
+    split_file: str | None = field(default=None, metadata=flag(
+        "CSV movie_id,split; default: <movielens-dir>/split.csv if present"))
+    poster_size: tuple[int, int] = field(default=POSTER_SIZE, metadata=flag(
+        "sample posters' WIDTHxHEIGHT in pixels (sample mode)", type=pixel_size))
+    seed: int = field(default=0, metadata=flag("sample mode: the catalogue is a function of the seed"))
+    storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)  # the storage flags'
 
     @property
     def catalog_uri(self) -> str:
         return self.out if self.out.endswith(".parquet") else storage.join(self.out, "catalog.parquet")
 
 
+EXTRA_FLAGS = STORAGE_FLAGS  # the flags that are not Config fields
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--movielens-dir", help="folder (or s3:// prefix) holding MovieLens-1M movies.dat")
-    source.add_argument("--sample", type=int, metavar="N", help="generate a sample catalogue of N movies")
-    parser.add_argument("--out", required=True, help="output directory or .parquet file (local or s3://)")
-    parser.add_argument("--posters", help="folder or s3:// prefix of the posters (MovieLens mode)")
-    parser.add_argument("--poster-pattern", default=DEFAULT_POSTER_PATTERN,
-                        help="poster file name under --posters, formatted with {movie_id}")
-    parser.add_argument("--split-file", help="CSV movie_id,split; default: <movielens-dir>/split.csv if present")
-    parser.add_argument("--poster-size", default=f"{POSTER_SIZE[0]}x{POSTER_SIZE[1]}",
-                        help="sample posters' WIDTHxHEIGHT in pixels (sample mode)")
-    parser.add_argument("--seed", type=int, default=0, help="sample mode: the catalogue is a function of the seed")
+    add_config_flags(parser, Config, groups={"movielens_dir": source, "sample": source})
     add_storage_flags(parser)
     return parser
 
 
 def parse_config(argv: list[str] | None) -> Config:
     args = build_parser().parse_args(argv)
-    width, height = (int(v) for v in args.poster_size.lower().split("x"))
-    return Config(out=args.out, movielens_dir=args.movielens_dir, posters=args.posters,
-                  poster_pattern=args.poster_pattern, split_file=args.split_file, sample=args.sample,
-                  poster_size=(width, height), seed=args.seed, storage_options=storage_options_from(args))
+    return config_from_args(Config, args, storage_options=storage_options_from(args))
 
 
 def movielens_catalog(config: Config):
@@ -101,25 +115,21 @@ def check_storage(config: Config) -> None:
     storage.check_writable(out_dir, options)
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    config = parse_config(argv)
-    try:
-        check_storage(config)
-        if config.sample is not None:
-            table = build_sample_catalog(config.out.removesuffix("/catalog.parquet"), config.sample,
-                                         seed=config.seed, poster_size=config.poster_size,
-                                         options=config.storage_options)
-        else:
-            table = movielens_catalog(config)
-        write_catalog(table, config.catalog_uri, config.storage_options)
-    except (CatalogError, FileNotFoundError, storage.StorageError) as error:
-        logger.error("%s", error)
-        return 2
+def build(config: Config) -> None:
+    if config.sample is not None:
+        table = build_sample_catalog(config.out.removesuffix("/catalog.parquet"), config.sample, seed=config.seed,
+                                     poster_size=config.poster_size, options=config.storage_options)
+    else:
+        table = movielens_catalog(config)
+    write_catalog(table, config.catalog_uri, config.storage_options)
     with_poster = table.num_rows - table["poster_uri"].null_count
     splits = {row["values"]: row["counts"] for row in table["split"].value_counts().to_pylist()}
     print(f"wrote {config.catalog_uri}: {table.num_rows} movies, {with_poster} with a poster, splits {splits}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    return run_job(functools.partial(build, config), logger=logger, checks=(functools.partial(check_storage, config),))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ Writes report.md, report.json, genre_distribution.png and per_genre_f1.png to `-
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -25,75 +25,57 @@ import pyarrow as pa
 # make the library importable there without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genre_pipeline.data import storage  # noqa: E402
-from genre_pipeline.data.catalog import CatalogError  # noqa: E402
 from genre_pipeline.evaluate.report import (  # noqa: E402
-    ALL_SPLITS,
-    VALIDATION_SPLIT,
     EvaluateConfig,
     EvaluationInputError,
     check_storage,
     evaluate,
     write_outputs,
 )
-from genre_pipeline.runtime import add_storage_flags, setup_logging, storage_options_from  # noqa: E402
+from genre_pipeline.jobs_cli import (  # noqa: E402
+    STORAGE_FLAGS,
+    add_config_flags,
+    add_storage_flags,
+    config_from_args,
+    storage_options_from,
+)
+from genre_pipeline.runtime import run_job  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
-
-def run_date_arg(text: str) -> str:
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not YYYY-MM-DD")
-    return text
+EXTRA_FLAGS = STORAGE_FLAGS  # the flags that are not EvaluateConfig fields
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = EvaluateConfig(labels="", catalog="")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--labels", required=True, help="labels root with run_date=YYYY-MM-DD/*.parquet (local or s3://)")
-    p.add_argument("--catalog", required=True, help="catalogue Parquet file or directory (local or s3://)")
-    p.add_argument("--split", default=defaults.split,
-                   help=f"catalogue split to evaluate; '{ALL_SPLITS}' for every row")
-    p.add_argument("--run-date", type=run_date_arg, default=defaults.run_date,
-                   help="labels partition YYYY-MM-DD; default: the latest present")
-    p.add_argument("--out", default=defaults.out,
-                   help="output directory (local or s3://); default: evaluation/run_date=<date>/split=<split>")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help=f"the training job's --val-fraction: its held-out train rows become split "
-                        f"'{VALIDATION_SPLIT}' (evaluate with --split {VALIDATION_SPLIT}); the prior then comes "
-                        "from the remaining train rows")
-    p.add_argument("--model", default=None,
-                   help="the checkpoint that wrote these labels (local or s3://): the report then shows its "
-                        "backbone, initial weights, preprocessing, thresholds and recipe")
+    add_config_flags(p, EvaluateConfig)
     add_storage_flags(p)
     return p
 
 
 def parse_config(argv: list[str] | None) -> EvaluateConfig:
     args = build_parser().parse_args(argv)
-    return EvaluateConfig(labels=args.labels, catalog=args.catalog, split=args.split, run_date=args.run_date,
-                          out=args.out, val_fraction=args.val_fraction, model=args.model,
-                          storage_options=storage_options_from(args))
+    return config_from_args(EvaluateConfig, args, storage_options=storage_options_from(args))
+
+
+def score(config: EvaluateConfig) -> tuple[str, dict[str, bytes]]:
+    try:
+        return evaluate(config)
+    # An unreadable file or path is a bad input; writing happens only after this, so nothing is left behind.
+    except (OSError, pa.ArrowInvalid) as error:
+        raise EvaluationInputError(str(error)) from error
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
     config = parse_config(argv)
-    try:
-        check_storage(config)
-        out, files = evaluate(config)
-    # OSError/ArrowInvalid: an unreadable file or path; writing happens only after this, so nothing is left behind.
-    except (EvaluationInputError, CatalogError, storage.StorageError, OSError, pa.ArrowInvalid) as error:
-        logger.error("%s", error)
-        return 2
-    try:
+
+    def evaluate_and_write() -> None:
+        out, files = score(config)
         write_outputs(out, files, config.storage_options)
-    except storage.StorageError as error:
-        logger.error("%s", error)
-        return 2
-    print(files["report.md"].decode())
-    logger.info("wrote %s to %s", ", ".join(files), out)
-    return 0
+        print(files["report.md"].decode())
+        logger.info("wrote %s to %s", ", ".join(files), out)
+
+    return run_job(evaluate_and_write, logger=logger, checks=(functools.partial(check_storage, config),))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from genre_pipeline.data import storage
+from genre_pipeline.errors import JobInputError
 from genre_pipeline.genres import GENRES
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ DEFAULT_POSTER_PATTERN = "{movie_id}.jpg"
 _TITLE_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*$")
 
 
-class CatalogError(ValueError):
+class CatalogError(JobInputError, ValueError):
     """A malformed catalogue or source file; the message names the file, row/line and column."""
 
 

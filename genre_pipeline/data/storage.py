@@ -22,6 +22,8 @@ import botocore.exceptions
 import fsspec
 import pyarrow.fs as pafs
 
+from genre_pipeline.errors import JobInputError
+
 ALLOWED_SCHEMES = ("", "file", "s3")
 # Where check_writable puts its marker: engines and the documented `run_date=*/` glob skip `_` folders, so a
 # marker left behind by a crash between its write and its delete is never read as data.
@@ -47,7 +49,7 @@ _REASON_BY_CODE = {
 }
 
 
-class StorageError(RuntimeError):
+class StorageError(JobInputError, RuntimeError):
     """A URI that cannot be resolved or reached; the message names the URI, never a credential."""
 
 

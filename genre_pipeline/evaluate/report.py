@@ -8,12 +8,13 @@ that cannot be scored (no label row, a status other than `ok`, no true genres) a
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,7 @@ import pyarrow.fs as pafs
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import is_validation, read_catalog, validate_schema
 from genre_pipeline.data.images import PreprocessSpec
+from genre_pipeline.errors import JobInputError
 from genre_pipeline.evaluate import plots
 from genre_pipeline.evaluate.metrics import (
     SUMMARY_COLUMNS,
@@ -35,6 +37,7 @@ from genre_pipeline.evaluate.metrics import (
     prior_scores,
 )
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, UnknownGenreError, column_name, encode_many
+from genre_pipeline.jobs_cli import flag
 from genre_pipeline.label.contract import PARTITION_KEY, STATUS_OK
 from genre_pipeline.model.checkpoints import CheckpointError, read_meta
 
@@ -48,20 +51,34 @@ PARTITION_DIR = re.compile(rf"^{PARTITION_KEY}=(\d{{4}}-\d{{2}}-\d{{2}})$")
 TRUE_GENRES, PREDICTED = "true_genres", "predicted_genres"
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(JobInputError, ValueError):
     """Labels or catalogue that cannot be evaluated; the message names the file, column or genre."""
+
+
+def run_date_arg(text: str) -> str:
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not YYYY-MM-DD")
+    return text
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    labels: str  # labels root holding run_date=YYYY-MM-DD/ partitions
-    catalog: str
-    split: str = "test"
-    run_date: str | None = None  # None: the latest partition present
-    out: str | None = None  # None: evaluation/run_date=<date>/split=<split>
-    val_fraction: float | None = None  # set: train rows held out by training become split "validation"
-    model: str | None = None  # the checkpoint that wrote the labels: its card goes into the report
-    storage_options: storage.StorageOptions = storage.StorageOptions()
+    """The evaluation job's settings; each field's metadata is its flag in jobs/evaluate.py."""
+
+    labels: str = field(metadata=flag("labels root with run_date=YYYY-MM-DD/*.parquet (local or s3://)"))
+    catalog: str = field(metadata=flag("catalogue Parquet file or directory (local or s3://)"))
+    split: str = field(default="test", metadata=flag(f"catalogue split to evaluate; '{ALL_SPLITS}' for every row"))
+    run_date: str | None = field(default=None, metadata=flag(
+        "labels partition YYYY-MM-DD; default: the latest present", type=run_date_arg))
+    out: str | None = field(default=None, metadata=flag(
+        "output directory (local or s3://); default: evaluation/run_date=<date>/split=<split>"))
+    val_fraction: float | None = field(default=None, metadata=flag(
+        f"the training job's --val-fraction: its held-out train rows become split '{VALIDATION_SPLIT}' (evaluate "
+        f"with --split {VALIDATION_SPLIT}); the prior then comes from the remaining train rows"))
+    model: str | None = field(default=None, metadata=flag(
+        "the checkpoint that wrote these labels (local or s3://): the report then shows its backbone, initial "
+        "weights, preprocessing, thresholds and recipe"))
+    storage_options: storage.StorageOptions = storage.StorageOptions()  # the storage flags'
 
 
 @dataclass(frozen=True)

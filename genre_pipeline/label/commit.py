@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from genre_pipeline import failpoints
 from genre_pipeline.data import storage
+from genre_pipeline.errors import JobInputError
 from genre_pipeline.label.contract import PARTITION_KEY, STATUS_OK
 
 logger = logging.getLogger(__name__)
@@ -45,11 +46,11 @@ MAX_PUT_BYTES = 5 * 1024**3  # S3's limit for a single PutObject, the atomic ste
 PRECONDITION_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
-class OutputIncompleteError(RuntimeError):
+class OutputIncompleteError(JobInputError, RuntimeError):
     """The spooled night does not hold every catalogue row exactly once; nothing was committed."""
 
 
-class NightChangedError(RuntimeError):
+class NightChangedError(JobInputError, RuntimeError):
     """Another run committed this night while this one ran; this run committed nothing."""
 
 

@@ -18,10 +18,14 @@ from genre_pipeline import failpoints
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import CatalogError, check_movie_ids, validate_schema
 from genre_pipeline.data.posters import DEFAULT_MAX_POSTER_BYTES, PosterPolicy, decode_posters, fetch_posters
+from genre_pipeline.errors import JobInputError
+from genre_pipeline.jobs_cli import flag, fraction, non_negative_float, positive_float, positive_int
+from genre_pipeline.jobs_cli import run_date as iso_date  # its name is in argparse's message: "invalid run_date value"
 from genre_pipeline.label.actor import PosterLabeller
 from genre_pipeline.label.commit import NightSpool, NightStore
 from genre_pipeline.label.contract import STATUS_OK, labels_schema
 from genre_pipeline.model.checkpoints import PinnedModel, pin_model
+from genre_pipeline.model.predictor import PRECISIONS
 from genre_pipeline.runtime import TORCH_WORKER_ENV
 
 logger = logging.getLogger(__name__)
@@ -53,36 +57,63 @@ DEFAULT_MAX_FAILED_FRACTION = 0.2
 IO_CPU_RESERVE = 1.0
 
 
-@dataclass(frozen=True)
-class LabelConfig:
-    catalog: str
-    model: str
-    output: str
-    run_date: str
-    batch_size: int | None = None  # images per forward pass; None: DEFAULT_BATCH_SIZE for the device
-    actors: int | None = None  # None: on CPUs one per core (no more than the catalogue has blocks); with
-    # GPUs, the cluster's GPUs over num_gpus_per_actor
-    num_gpus_per_actor: float = 0.0
-    cpus_per_actor: float | None = None  # Ray's reservation. None: 1 with GPUs; on CPUs, the node's CPUs less
-    # IO_CPU_RESERVE, shared by the node's actors
-    threads_per_actor: int | None = None  # None: on CPUs, the node's cores shared by its actors (1 by default;
-    # the reserved CPU's I/O tasks mostly wait, so the models keep it busy too); with GPUs, the actor's CPUs
-    precision: str = "auto"  # bf16 on GPUs, fp32 on CPUs unless asked
-    compile_model: bool = False
-    poster_roots: tuple[str, ...] = ()  # where posters may be read from; empty: the catalogue's own folder
-    max_poster_bytes: int = DEFAULT_MAX_POSTER_BYTES
-    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION  # of rows with a poster_uri
-    storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.num_gpus_per_actor > 0
-
-
 # CPU: small batches keep each layer's activations small; measured on 2 Xeon cores (cnn, no page faults),
 # batch 8 ran at 239 posters/s and batch 32 at 247. A GPU needs hundreds per pass to stay busy, bounded by its
 # memory (`--batch-size` for the card).
 DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 256}
+
+
+def today_utc() -> str:
+    return datetime.now(timezone.utc).date().isoformat()
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """The label job's settings; each field's metadata is its flag in jobs/label_catalog.py."""
+
+    catalog: str = field(metadata=flag("catalogue Parquet file or directory (local or s3://)"))
+    model: str = field(metadata=flag(
+        "checkpoint directory, or a published model folder (<storage-path>/<name>/model) whose pointer names a "
+        "version; resolved once per run and its weights digest-checked"))
+    output: str = field(metadata=flag("labels root; the night goes to <output>/run_date=<date>/"))
+    run_date: str = field(default_factory=today_utc, metadata=flag(
+        "YYYY-MM-DD partition to (re)write; default: today in UTC", type=iso_date))
+    batch_size: int | None = field(default=None, metadata=flag(
+        f"images per forward pass; default {DEFAULT_BATCH_SIZE['cpu']} on CPU, {DEFAULT_BATCH_SIZE['cuda']} on GPU "
+        "(lower it if the card runs out of memory)", type=positive_int))
+    # On CPUs also no more actors than the catalogue has blocks.
+    actors: int | None = field(default=None, metadata=flag(
+        "PosterLabeller actors (model replicas); default on CPU: one per core of the cluster's nodes, "
+        "single-threaded; with GPUs: the cluster's GPUs over --num-gpus-per-actor", type=positive_int))
+    num_gpus_per_actor: float = field(default=0.0, metadata=flag(
+        "GPUs per actor; 0 scores on CPU", type=non_negative_float))
+    cpus_per_actor: float | None = field(default=None, metadata=flag(
+        "CPUs Ray reserves per actor; default 1 with GPUs, else the node's CPUs less "
+        f"{IO_CPU_RESERVE:g} for Ray Data's read tasks, shared by the node's actors", type=positive_float))
+    # The reserved CPU's I/O tasks mostly wait, so the default's threads keep it busy too.
+    threads_per_actor: int | None = field(default=None, metadata=flag(
+        "intra-op (and decode) threads per actor; default on CPU: the node's cores shared by its actors (1 with "
+        "the default --actors), with GPUs: the actor's CPUs", type=positive_int))
+    precision: str = field(default="auto", metadata=flag(
+        "auto: bf16 autocast on GPUs, fp32 on CPUs; bf16 on CPUs is faster on AVX512-BF16 cores (1.8x for "
+        "resnet50) and moves scores slightly: compare two nights with evaluate.py", choices=PRECISIONS))
+    compile_model: bool = field(default=False, metadata=flag(
+        "torch.compile the model in each actor (GPU runs)", name="--compile"))
+    poster_roots: tuple[str, ...] = field(default=(), metadata=flag(
+        "a local folder or s3://bucket/prefix posters may be read from (repeatable); a poster elsewhere, after "
+        "following symlinks and '..', gets status refused_poster. Default: the folder or prefix the catalogue "
+        "lies in", name="--poster-root", metavar="ROOT"))
+    max_poster_bytes: int = field(default=DEFAULT_MAX_POSTER_BYTES, metadata=flag(
+        f"larger posters get status refused_poster (default {DEFAULT_MAX_POSTER_BYTES:,})", type=positive_int))
+    max_failed_fraction: float = field(default=DEFAULT_MAX_FAILED_FRACTION, metadata=flag(
+        "when more than this fraction of the rows with a poster_uri fail (fetch, decode, refusal, scoring), "
+        "nothing is committed and the job exits 2: a systemic fault, not bad posters "
+        f"(default {DEFAULT_MAX_FAILED_FRACTION:g})", type=fraction))
+    storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)  # the storage flags'
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.num_gpus_per_actor > 0
 
 
 @dataclass(frozen=True)
@@ -106,11 +137,11 @@ def resolve_batch_size(config: LabelConfig) -> int:
     return config.batch_size or DEFAULT_BATCH_SIZE["cuda" if config.on_gpu else "cpu"]
 
 
-class ActorResourcesError(ValueError):
+class ActorResourcesError(JobInputError, ValueError):
     """Actor sizes this cluster cannot run (the job would wait forever)."""
 
 
-class FailedNightError(RuntimeError):
+class FailedNightError(JobInputError, RuntimeError):
     """Too many posters failed for the night to be published; nothing was committed."""
 
 

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from genre_pipeline.data import storage
+from genre_pipeline.errors import JobInputError
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(JobInputError, RuntimeError):
     """Pretrained weights were asked for and cannot be had."""
 
 

@@ -26,6 +26,7 @@ import torch
 
 from genre_pipeline.data import storage
 from genre_pipeline.data.images import PreprocessSpec
+from genre_pipeline.errors import JobInputError
 from genre_pipeline.model.architectures import GenreNet, build_model
 
 WEIGHTS_FILE = "model.pt"
@@ -34,7 +35,7 @@ POINTER_FILE = "pointer.json"  # in a published model folder: which version it c
 VERSIONS_DIR = "versions"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(JobInputError, RuntimeError):
     """A checkpoint that is missing, incomplete or unreadable; the message names the URI."""
 
 

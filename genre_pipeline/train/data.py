@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import ray
 
 from genre_pipeline.data import storage
-from genre_pipeline.data.catalog import is_validation, read_catalog
+from genre_pipeline.data.catalog import CatalogError, is_validation, read_catalog
 from genre_pipeline.data.images import Size
 from genre_pipeline.data.posters import decode_posters, fetch_posters
 from genre_pipeline.genres import encode_many
@@ -30,12 +30,12 @@ def load_training_rows(catalog_uri: str, options: storage.StorageOptions) -> pa.
     """Rows of the train split that have a poster and at least one genre."""
     table = read_catalog(catalog_uri, options)
     if "split" not in table.column_names or "genres" not in table.column_names:
-        raise ValueError(f"{catalog_uri}: training needs the columns 'split' and 'genres'")
+        raise CatalogError(f"{catalog_uri}: training needs the columns 'split' and 'genres'")
     keep = pc.and_(pc.equal(table["split"], "train"), pc.is_valid(table["poster_uri"]))
     keep = pc.and_(keep, pc.greater(pc.fill_null(pc.list_value_length(table["genres"]), 0), 0))
     rows = table.filter(keep).select(TRAIN_COLUMNS)
     if rows.num_rows == 0:
-        raise ValueError(f"{catalog_uri}: no rows with split == 'train', a poster_uri and genres")
+        raise CatalogError(f"{catalog_uri}: no rows with split == 'train', a poster_uri and genres")
     return rows
 
 

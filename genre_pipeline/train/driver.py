@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import time
@@ -13,9 +14,11 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from genre_pipeline.data import storage
+from genre_pipeline.errors import ConfigError, JobInputError
 from genre_pipeline.evaluate.metrics import THRESHOLD_OBJECTIVES
 from genre_pipeline.genres import GENRES
-from genre_pipeline.model.architectures import PRETRAINED_ARCHS, default_preprocess, weights_source
+from genre_pipeline.jobs_cli import flag
+from genre_pipeline.model.architectures import ARCHS, PRETRAINED_ARCHS, default_preprocess, weights_source
 from genre_pipeline.model.checkpoints import META_FILE, ModelMeta, publish_checkpoint
 from genre_pipeline.runtime import TORCH_WORKER_ENV
 from genre_pipeline.train.data import (
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 PUBLISHED_MODEL_DIR = "model"  # <storage-path>/<name>/model: the stable URI the label job reads
 
 
+DEFAULT_ARCH = "efficientnet_lite0"  # the recommended recipe's backbone (see TrainJobConfig)
 # Head phase length when the backbone starts pretrained: cheap (cached features), stopped early on validation.
 PRETRAINED_HEAD_EPOCHS = 100
 MIN_IMAGE_SIZE = 16  # pixels; the models' strides leave nothing to classify below it
@@ -55,42 +59,62 @@ RESUME_FIXED = ("arch", "data_fingerprint", "image_size", "lr", "weight_decay", 
                 "backbone_lr_scale", "batch_size", "class_weighting", "seed", "threshold_objective")
 
 
-class TrainResourcesError(ValueError):
+class TrainResourcesError(JobInputError, ValueError):
     """Worker sizes the cluster cannot run beside Ray Data's decoding: the run would wait forever."""
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(JobInputError, ValueError):
     """A run name resumed with settings or data that differ from its checkpoints."""
 
 
 @dataclass(frozen=True)
 class TrainJobConfig:
-    """The training job's settings. The defaults are the recommended recipe for real posters: a pretrained
-    EfficientNet-Lite0, its head trained on cached features, then three epochs of the whole network."""
+    """The training job's settings; each field's metadata is its flag in jobs/train_genre_model.py. The defaults
+    are the recommended recipe for real posters: a pretrained EfficientNet-Lite0, its head trained on cached
+    features, then three epochs of the whole network."""
 
-    catalog: str
-    storage_path: str
-    name: str
-    arch: str = "efficientnet_lite0"
-    epochs: int = 3  # full-network epochs (after the head phase)
-    batch_size: int = 32
-    lr: float = 2e-4  # the head's LR in full-network epochs; the backbone's is lr x backbone_lr_scale
-    weight_decay: float = 1e-2
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    val_fraction: float = 0.15
-    image_size: int | None = None  # input width; None: the arch's own (a pretrained backbone's ImageNet size)
-    pretrained: bool | None = None  # None: the arch's default (pretrained for the EfficientNet-Lites)
-    weights: str | None = None
-    head_epochs: int | None = None  # None: PRETRAINED_HEAD_EPOCHS for a pretrained backbone, else 0
-    head_lr: float = 3e-5
-    backbone_lr_scale: float = 0.25
-    patience: int = 0
-    threshold_objective: str = "micro"
-    class_weighting: bool = False
-    seed: int = 0
-    storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)
+    catalog: str = field(metadata=flag("catalogue Parquet (local or s3://)"))
+    storage_path: str = field(metadata=flag("where Ray Train keeps runs and checkpoints"))
+    name: str = field(metadata=flag("run name; the same name resumes the same run"))
+    arch: str = field(default=DEFAULT_ARCH, metadata=flag(
+        f"model architecture (default {DEFAULT_ARCH}); pretrained by default: {PRETRAINED_ARCHS}", choices=ARCHS))
+    epochs: int = field(default=3, metadata=flag(
+        "full-network epochs, after the head phase (a resumed run counts on)"))
+    batch_size: int = field(default=32, metadata=flag("images per step per worker"))
+    # The backbone's LR is lr x backbone_lr_scale.
+    lr: float = field(default=2e-4, metadata=flag("AdamW LR of the head in full-network epochs"))
+    weight_decay: float = field(default=1e-2, metadata=flag("AdamW weight decay"))
+    num_workers: int = field(default=2, metadata=flag("Ray Train workers (DDP)"))
+    use_gpu: bool = field(default=False, metadata=flag("one GPU per worker, nccl"))
+    cpus_per_worker: float = field(default=1.0, metadata=flag(
+        "CPUs reserved per worker; leave some for Ray Data's decoding tasks"))
+    val_fraction: float = field(default=0.15, metadata=flag(
+        "share of train rows held out for validation, by a stable hash of movie_id"))
+    image_size: int | None = field(default=None, metadata=flag(
+        "input width in pixels; default: the arch's (a pretrained backbone's own). The EfficientNet-Lites take "
+        "posters whole at 2:3 (height 1.5 x width), the others squares"))
+    pretrained: bool | None = field(default=None, metadata=flag(
+        "start from ImageNet weights: the installed package's for the EfficientNet-Lites (the default), "
+        "torchvision's download for resnet50 (off by default)", action=argparse.BooleanOptionalAction))
+    weights: str | None = field(default=None, metadata=flag(
+        "start from this ImageNet state_dict file instead (path or s3://)"))
+    head_epochs: int | None = field(default=None, metadata=flag(
+        "head-only epochs on cached features of the frozen backbone, before the full-network epochs; the best on "
+        f"validation is kept (default: {PRETRAINED_HEAD_EPOCHS} for a pretrained backbone, 0 from scratch)"))
+    head_lr: float = field(default=3e-5, metadata=flag("AdamW LR of the head phase"))
+    backbone_lr_scale: float = field(default=0.25, metadata=flag(
+        "backbone LR = lr x this in full-network epochs"))
+    patience: int = field(default=0, metadata=flag(
+        "stop after N full-network epochs without a better validation mAP@3; 0 = run all epochs"))
+    threshold_objective: str = field(default="micro", metadata=flag(
+        "the F1 that validation thresholds maximise: micro (the default: one threshold for all genres, every "
+        "label counts), macro (per genre; finds rare genres at the cost of many false labels) or samples (one "
+        "threshold, per-movie F1)", choices=THRESHOLD_OBJECTIVES))
+    class_weighting: bool = field(default=False, metadata=flag(
+        "BCE with per-genre positive weights sqrt(neg/pos) against imbalance (helps macro-F1)",
+        action=argparse.BooleanOptionalAction))
+    seed: int = field(default=0, metadata=flag("torch seed"))
+    storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)  # the storage flags'
 
     @property
     def starts_pretrained(self) -> bool:
@@ -107,28 +131,28 @@ class TrainJobConfig:
     def validate(self) -> None:
         """Settings that cannot work, refused before Ray starts."""
         if self.threshold_objective not in THRESHOLD_OBJECTIVES:
-            raise ValueError(f"--threshold-objective {self.threshold_objective!r}: one of {THRESHOLD_OBJECTIVES}")
+            raise ConfigError(f"--threshold-objective {self.threshold_objective!r}: one of {THRESHOLD_OBJECTIVES}")
         if self.resolved_head_epochs > 0 and not self.starts_pretrained:
-            raise ValueError(f"--head-epochs {self.head_epochs}: a head phase needs a pretrained backbone "
+            raise ConfigError(f"--head-epochs {self.head_epochs}: a head phase needs a pretrained backbone "
                              f"(arch {self.arch!r} starts from random weights); pass --head-epochs 0")
         if self.epochs == 0 and self.resolved_head_epochs == 0:
-            raise ValueError("--epochs 0 and no head phase: nothing would be trained")
+            raise ConfigError("--epochs 0 and no head phase: nothing would be trained")
         self.check_ranges()
 
     def check_ranges(self) -> None:
-        def flag(name: str) -> str:
+        def shown(name: str) -> str:
             return f"--{name.replace('_', '-')} {getattr(self, name)}"
 
         for name in ("epochs", "patience", "seed", "weight_decay", "head_epochs"):
             if (getattr(self, name) or 0) < 0:
-                raise ValueError(f"{flag(name)}: must be 0 or more")
+                raise ConfigError(f"{shown(name)}: must be 0 or more")
         for name in ("batch_size", "num_workers", "lr", "head_lr", "cpus_per_worker", "backbone_lr_scale"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{flag(name)}: must be more than 0")
+                raise ConfigError(f"{shown(name)}: must be more than 0")
         if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:
-            raise ValueError(f"{flag('image_size')}: must be at least {MIN_IMAGE_SIZE}")
+            raise ConfigError(f"{shown('image_size')}: must be at least {MIN_IMAGE_SIZE}")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"{flag('val_fraction')}: must be between 0 and 1")
+            raise ConfigError(f"{shown('val_fraction')}: must be between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -215,7 +239,7 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
     rows = load_training_rows(config.catalog, config.storage_options)
     train_rows, val_rows = split_rows(rows, config.val_fraction)
     if val_rows.num_rows == 0:
-        raise ValueError(f"{config.catalog}: --val-fraction {config.val_fraction} leaves no validation rows")
+        raise ConfigError(f"{config.catalog}: --val-fraction {config.val_fraction} leaves no validation rows")
     loop = loop_config(config, train_rows, val_rows)
     check_resume(config, loop)
     # A Ray this job started itself cannot grow; a joined cluster may still be adding nodes.
