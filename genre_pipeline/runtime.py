@@ -13,11 +13,9 @@ import ray
 from genre_pipeline.errors import EXIT_2_ERRORS
 from genre_pipeline.telemetry import push_job_failure
 
-# For the processes that run torch (label actors, training workers), read when the process starts. glibc
-# serves allocations over 32 MB (a batch's activations) with mmap in threads other than the main one, and Ray
-# runs our code in such threads: each batch page-faulted and zeroed its activations afresh (a third of the
-# CPU time, measured). One arena with high thresholds keeps freed buffers for the next batch. OpenMP threads
-# spinning between forward passes would take the cores that decoding threads need.
+# For the processes that run torch (label actors, training workers), read when the process starts: one malloc
+# arena with high mmap/trim thresholds keeps a batch's freed activations for the next batch instead of faulting
+# them in afresh, and passive OpenMP threads leave the cores to decoding between passes (docs/performance.md).
 KEEP_FREED_BYTES = 1 << 30  # glibc's mmap and trim thresholds for torch processes
 TORCH_WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(KEEP_FREED_BYTES),
                     "MALLOC_TRIM_THRESHOLD_": str(KEEP_FREED_BYTES), "OMP_WAIT_POLICY": "PASSIVE"}

@@ -32,11 +32,8 @@ logger = logging.getLogger(__name__)
 
 CATALOG_COLUMNS = ["movie_id", "title", "poster_uri"]
 # Rows per block, per CPU actor call and per GPU-path fetch/decode task: enough to amortise Ray Data's per-call
-# cost (a cnn call on 2 cores scores 64 posters in ~0.6 s; 64 and 128 gave the same speed), small enough that a
-# block of decoded 224px images (~150 KB each) stays around 10 MB in the object store, that even a small
-# catalogue splits into enough blocks to keep every actor busy, and that the run's last block, which one core
-# scores while the others have nothing left, is short: a resnet50 block takes 6 s on one CPU core (128 rows:
-# 12 s). End to end the difference was within a 2-vCPU VM's run-to-run noise (resnet50, 1500 posters).
+# cost, few enough that blocks stay small in the object store and the run's last block is short
+# (docs/performance.md).
 DECODE_BATCH_ROWS = 64
 # Reading the catalogue (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter
 # of a CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
@@ -46,8 +43,7 @@ IO_TASK_CPUS = 0.25
 ACTOR_MAX_RESTARTS = 4
 TASK_MAX_RETRIES = 4
 # An actor's block is retried for as long as the actor can still restart (restarts bound it): while a lost node
-# is not yet declared dead, each retry fails at once, and a count of retries would run out within the detection
-# window (seen in tests/test_cluster.py).
+# is not yet declared dead each retry fails at once, and a count would run out before the node is replaced.
 ACTOR_TASK_MAX_RETRIES = -1
 # More posters than this failing (fetch, decode, refusal, scoring) means a systemic fault (credentials, endpoint,
 # poster roots), not bad posters: the night is not committed.
@@ -57,9 +53,8 @@ DEFAULT_MAX_FAILED_FRACTION = 0.2
 IO_CPU_RESERVE = 1.0
 
 
-# CPU: small batches keep each layer's activations small; measured on 2 Xeon cores (cnn, no page faults),
-# batch 8 ran at 239 posters/s and batch 32 at 247. A GPU needs hundreds per pass to stay busy, bounded by its
-# memory (`--batch-size` for the card).
+# CPU: small batches keep each layer's activations small at the same speed (docs/performance.md). A GPU needs
+# hundreds per pass to stay busy, bounded by its memory (`--batch-size` for the card).
 DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 256}
 
 
