@@ -30,9 +30,9 @@ from genre_pipeline.jobs_cli import (  # noqa: E402
     config_from_args,
     storage_options_from,
 )
-from genre_pipeline.label.contract import STATUSES  # noqa: E402
 from genre_pipeline.label.pipeline import LabelConfig, LabelSummary, label_catalog  # noqa: E402
 from genre_pipeline.runtime import FailureMetric, run_job  # noqa: E402
+from genre_pipeline.statuses import STATUSES  # noqa: E402
 from genre_pipeline.telemetry import LABEL_JOB, LabelledGauge, push_job_outcome  # noqa: E402
 
 logger = logging.getLogger("label_catalog")

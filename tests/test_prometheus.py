@@ -25,7 +25,7 @@ import pytest
 from conftest import load_job
 from test_telemetry import LABEL_INPUT_STATUS, closed_port, expected_status_counts, write_label_inputs
 
-from genre_pipeline.label.contract import STATUSES
+from genre_pipeline.statuses import STATUSES
 
 DEBIAN_PACKAGES = {"prometheus-pushgateway": "prometheus-pushgateway", "prometheus": "prometheus"}
 STARTUP_DEADLINE_SECONDS = 60

@@ -31,9 +31,9 @@ from genre_pipeline.data.catalog import CATALOG_SCHEMA
 from genre_pipeline.data.images import PreprocessSpec
 from genre_pipeline.data.sample import draw_poster, jpeg_bytes
 from genre_pipeline.genres import GENRES
-from genre_pipeline.label.contract import STATUSES
 from genre_pipeline.label.pipeline import LabelConfig, LabelSummary
 from genre_pipeline.model.checkpoints import ModelMeta
+from genre_pipeline.statuses import STATUSES
 
 # movie_id -> the status the label job must give it
 LABEL_INPUT_STATUS = {**{i: "ok" for i in range(1, 7)}, 7: "missing_poster", 8: "missing_poster",

@@ -19,13 +19,7 @@ import numpy as np
 from genre_pipeline import telemetry
 from genre_pipeline.data import storage
 from genre_pipeline.data.images import PosterDecodeError, Size, as_shape, decode_poster
-from genre_pipeline.label.contract import (
-    STATUS_FETCH_FAILED,
-    STATUS_MISSING,
-    STATUS_OK,
-    STATUS_REFUSED,
-    STATUS_UNREADABLE,
-)
+from genre_pipeline.statuses import STATUS_FETCH_FAILED, STATUS_MISSING, STATUS_OK, STATUS_REFUSED, STATUS_UNREADABLE
 
 logger = logging.getLogger(__name__)
 

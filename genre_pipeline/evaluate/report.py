@@ -38,8 +38,9 @@ from genre_pipeline.evaluate.metrics import (
 )
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, UnknownGenreError, column_name, encode_many
 from genre_pipeline.jobs_cli import flag
-from genre_pipeline.label.contract import PARTITION_KEY, STATUS_OK
+from genre_pipeline.label.contract import PARTITION_KEY
 from genre_pipeline.model.checkpoints import CheckpointError, read_meta
+from genre_pipeline.statuses import STATUS_OK
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ import pyarrow as pa
 from genre_pipeline import failpoints
 from genre_pipeline.data import storage
 from genre_pipeline.data.posters import Batch, PosterPolicy, decode_posters, fetch_posters
-from genre_pipeline.label.contract import STATUS_INFERENCE_FAILED, STATUS_OK, to_label_table
+from genre_pipeline.label.contract import to_label_table
 from genre_pipeline.model.predictor import GenrePredictor
+from genre_pipeline.statuses import STATUS_INFERENCE_FAILED, STATUS_OK
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 from genre_pipeline import failpoints
 from genre_pipeline.data import storage
 from genre_pipeline.errors import JobInputError
-from genre_pipeline.label.contract import PARTITION_KEY, STATUS_OK
+from genre_pipeline.label.contract import PARTITION_KEY
+from genre_pipeline.statuses import STATUS_OK
 
 logger = logging.getLogger(__name__)
 

@@ -11,15 +11,6 @@ import pyarrow as pa
 from genre_pipeline import telemetry
 from genre_pipeline.genres import GENRES, labels_from_scores, score_columns, top_genres
 
-STATUS_OK = "ok"
-STATUS_MISSING = "missing_poster"
-STATUS_UNREADABLE = "unreadable_poster"
-STATUS_FETCH_FAILED = "fetch_failed"
-STATUS_REFUSED = "refused_poster"  # outside the poster roots, not a regular file, or too large
-STATUS_INFERENCE_FAILED = "inference_failed"  # the model raised on the block this row was scored in
-STATUSES = (STATUS_OK, STATUS_MISSING, STATUS_UNREADABLE, STATUS_FETCH_FAILED, STATUS_REFUSED,
-            STATUS_INFERENCE_FAILED)
-
 # Hive-style partition directory under the labels root: labels/run_date=YYYY-MM-DD/*.parquet
 PARTITION_KEY = "run_date"
 

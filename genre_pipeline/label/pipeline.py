@@ -23,10 +23,11 @@ from genre_pipeline.jobs_cli import flag, fraction, non_negative_float, positive
 from genre_pipeline.jobs_cli import run_date as iso_date  # its name is in argparse's message: "invalid run_date value"
 from genre_pipeline.label.actor import PosterLabeller
 from genre_pipeline.label.commit import NightSpool, NightStore
-from genre_pipeline.label.contract import STATUS_OK, labels_schema
+from genre_pipeline.label.contract import labels_schema
 from genre_pipeline.model.checkpoints import PinnedModel, pin_model
 from genre_pipeline.model.predictor import PRECISIONS
 from genre_pipeline.runtime import TORCH_WORKER_ENV
+from genre_pipeline.statuses import STATUS_OK
 
 logger = logging.getLogger(__name__)
 

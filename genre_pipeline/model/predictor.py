@@ -16,10 +16,10 @@ from torch.fx.experimental.optimization import fuse
 from genre_pipeline import telemetry
 from genre_pipeline.data import storage
 from genre_pipeline.data.tensors import to_model_input
-from genre_pipeline.label.contract import STATUS_OK
 from genre_pipeline.model.backbones import LITE_VARIANTS, fold_lite_batch_norms
 from genre_pipeline.model.checkpoints import load_checkpoint
 from genre_pipeline.runtime import KEEP_FREED_BYTES
+from genre_pipeline.statuses import STATUS_OK
 
 logger = logging.getLogger(__name__)
 

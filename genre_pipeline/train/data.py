@@ -15,7 +15,7 @@ from genre_pipeline.data.catalog import CatalogError, is_validation, read_catalo
 from genre_pipeline.data.images import Size
 from genre_pipeline.data.posters import decode_posters, fetch_posters
 from genre_pipeline.genres import encode_many
-from genre_pipeline.label.contract import STATUS_OK
+from genre_pipeline.statuses import STATUS_OK
 from genre_pipeline.train.augmentation import augment_batch, training_augmentation
 
 TRAIN_COLUMNS = ["movie_id", "genres", "poster_uri"]
