@@ -367,8 +367,56 @@ def test_gpu_overlay_has_four_one_gpu_workers_on_gpu_nodes():
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert worker["resources"]["requests"] == worker["resources"]["limits"]
     (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]
+    # Any Linux node: the GPU request and the toleration bring a GPU node (see the next test).
+    assert term["matchExpressions"] == [{"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+# Node labels that exist only once a node has booted and its daemons ran (NVIDIA GPU feature discovery,
+# Node Feature Discovery). A node autoscaler scaling a GPU pool from zero cannot know them, so a required
+# selector on one keeps the pods Pending forever.
+POST_BOOT_LABEL_PREFIXES = ("nvidia.com/", "feature.node.kubernetes.io/", "amd.com/")
+
+
+def _required_node_label_keys(pod: dict) -> set[str]:
+    keys = set(pod.get("nodeSelector", {}))
+    required = (pod.get("affinity", {}).get("nodeAffinity", {})
+                .get("requiredDuringSchedulingIgnoredDuringExecution", {}))
+    for term in required.get("nodeSelectorTerms", []):
+        keys |= {e["key"] for e in term.get("matchExpressions", []) + term.get("matchFields", [])}
+    return keys
+
+
+def _worker_pods(build: str, tmp_path: Path) -> list[dict]:
+    docs = render(build)
+    clusters = [d["spec"]["rayClusterSpec"] for d in docs if d["kind"] == "RayJob"]
+    clusters += [d["spec"]["jobTemplate"]["rayClusterSpec"] for d in docs if d["kind"] == "RayCronJob"]
+    if build in CRONJOB_OVERLAYS:
+        clusters.append(rendered_label_rayjob(docs, tmp_path)["spec"]["rayClusterSpec"])
+    return [g["template"]["spec"] for c in clusters for g in c["workerGroupSpecs"]]
+
+
+@pytest.mark.parametrize("build", TRAIN_BUILDS)
+def test_gpu_workers_can_scale_from_zero(build, tmp_path):
+    """No worker requires a label that only a booted GPU node has; GPU workers keep their request and
+    toleration, which is what an autoscaler provisions for."""
+    pods = _worker_pods(build, tmp_path)
+    assert pods
+    for pod in pods:
+        post_boot = {k for k in _required_node_label_keys(pod) if k.startswith(POST_BOOT_LABEL_PREFIXES)}
+        assert not post_boot, f"k8s/{build}: workers require post-boot node labels {post_boot}"
+        (worker,) = pod["containers"]
+        if worker["resources"]["limits"].get("nvidia.com/gpu", "0") != "0":
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+def test_post_boot_label_check_catches_nvidia_feature_discovery():
+    pod = {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]}]}}},
+        "nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}
+    keys = _required_node_label_keys(pod)
+    assert keys == {"nvidia.com/gpu.present", "cloud.google.com/gke-accelerator"}
+    assert {k for k in keys if k.startswith(POST_BOOT_LABEL_PREFIXES)} == {"nvidia.com/gpu.present"}
 
 
 def test_cpu_overlay_is_small_and_has_no_gpus():
