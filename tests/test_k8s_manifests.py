@@ -453,6 +453,26 @@ def test_training_entrypoint_is_accepted_by_the_training_job(build, capsys):
     assert gpus == (args.num_workers if args.use_gpu else 0), "one GPU per DDP worker"
 
 
+PRETRAINED_ARCHS = {"efficientnet_lite0", "efficientnet_lite2"}
+
+
+@pytest.mark.parametrize("build", TRAIN_BUILDS)
+def test_every_training_rayjob_uses_the_pretrained_recipe(build):
+    """The recipe for real posters everywhere: a pretrained EfficientNet-Lite, never a backbone from random
+    weights (e.g. resnet50 or cnn with pretraining off), judged by the job's own parser (conftest.load_job)."""
+    from conftest import load_job
+
+    entrypoint = shlex.split(one(render(build), "RayJob", "genre-train")["spec"]["entrypoint"])
+    assert entrypoint[:2] == ["python", "jobs/train_genre_model.py"]
+    job = load_job("train_genre_model")
+    args = job.build_parser().parse_args(entrypoint[2:])
+    assert args.arch in PRETRAINED_ARCHS, f"k8s/{build} trains {args.arch}"
+    assert args.pretrained is not False, f"k8s/{build} turns pretraining off"
+    assert args.weights is None, f"k8s/{build} starts from a weights file, not the pretrained backbone"
+    config, _ = job.parse_config(entrypoint[2:])
+    assert config.starts_pretrained and config.resolved_head_epochs > 0
+
+
 @pytest.mark.parametrize("build", CRONJOB_OVERLAYS)
 def test_nightly_label_entrypoint_is_accepted_by_the_label_job(build, tmp_path, capsys):
     docs = render(build)
