@@ -473,6 +473,14 @@ def test_every_training_rayjob_uses_the_pretrained_recipe(build):
     assert config.starts_pretrained and config.resolved_head_epochs > 0
 
 
+def assert_pinned_model(model: str, values: dict[str, str]) -> None:
+    """The nightly --model is the MODEL_URI setting: a promoted pointer folder (jobs/promote_model.py) or a
+    pinned version, never the run's model folder, whose pointer every training run moves."""
+    assert model == values["MODEL_URI"], f"--model {model} is not the MODEL_URI setting"
+    assert model != f"s3://{values['BUCKET']}/runs/{values['RUN_NAME']}/model"
+    assert re.fullmatch(r"s3://[a-z0-9.-]+/(runs/[^/]+/versions/[^/]+|.+/production)", model), model
+
+
 @pytest.mark.parametrize("build", CRONJOB_OVERLAYS)
 def test_nightly_label_entrypoint_is_accepted_by_the_label_job(build, tmp_path, capsys):
     docs = render(build)
@@ -482,7 +490,7 @@ def test_nightly_label_entrypoint_is_accepted_by_the_label_job(build, tmp_path, 
     args = parse_entrypoint(job["spec"]["entrypoint"], "jobs/label_catalog.py", capsys)
     bucket = values["BUCKET"]
     assert args.catalog == f"s3://{bucket}/catalog/catalog.parquet"
-    assert args.model == f"s3://{bucket}/runs/{values['RUN_NAME']}/model"
+    assert_pinned_model(args.model, values)
     assert args.output == f"s3://{bucket}/labels"
     assert args.run_date == RUN_DATE
     assert args.pushgateway == "pushgateway.monitoring:9091"
@@ -500,7 +508,7 @@ def test_raycronjob_entrypoint_is_accepted_by_the_label_job(capsys):
     spec = one(docs, "RayCronJob", "genre-label")["spec"]
     assert spec["timeZone"] == "Etc/UTC"
     args = parse_entrypoint(spec["jobTemplate"]["entrypoint"], "jobs/label_catalog.py", capsys)
-    assert args.model == f"s3://{values['BUCKET']}/runs/{values['RUN_NAME']}/model"
+    assert_pinned_model(args.model, values)
     assert args.output == f"s3://{values['BUCKET']}/labels"
     assert (args.actors, args.num_gpus_per_actor) == (4, 1)
     # No CronJob launcher in this variant: the operator creates the RayJobs.
