@@ -440,7 +440,7 @@ def test_training_entrypoint_is_accepted_by_the_training_job(build, capsys):
     assert args.catalog == f"s3://{bucket}/catalog/catalog.parquet"
     assert args.storage_path == f"s3://{bucket}/runs"
     assert args.name == values["RUN_NAME"]
-    assert args.pushgateway == "pushgateway.monitoring:9091"
+    assert args.pushgateway == values["PUSHGATEWAY"]
     entrypoint = shlex.split(one(docs, "RayJob", "genre-train")["spec"]["entrypoint"])
     config, _ = _job_module("jobs/train_genre_model.py").parse_config(entrypoint[2:])
     # A pretrained backbone, its head first: from random weights the labels would not beat the genre prior.
@@ -493,13 +493,41 @@ def test_nightly_label_entrypoint_is_accepted_by_the_label_job(build, tmp_path, 
     assert_pinned_model(args.model, values)
     assert args.output == f"s3://{bucket}/labels"
     assert args.run_date == RUN_DATE
-    assert args.pushgateway == "pushgateway.monitoring:9091"
+    assert args.pushgateway == values["PUSHGATEWAY"]
     assert args.batch_size == 64
     if build == "overlays/cpu":
         assert (args.actors, args.num_gpus_per_actor) == (2, 0)
     else:
         assert (args.actors, args.num_gpus_per_actor) == (4, 1)
     assert args.actors * args.num_gpus_per_actor == int(values["WORKERS"]) * int(values["WORKER_GPUS"])
+
+
+def _pushgateway_flags(build: str, tmp_path: Path, capsys) -> list[str]:
+    docs = render(build)
+    jobs = [(one(docs, "RayJob", "genre-train")["spec"]["entrypoint"], "jobs/train_genre_model.py")]
+    jobs += [(d["spec"]["jobTemplate"]["entrypoint"], "jobs/label_catalog.py")
+             for d in docs if d["kind"] == "RayCronJob"]
+    if build in CRONJOB_OVERLAYS:
+        jobs.append((rendered_label_rayjob(docs, tmp_path)["spec"]["entrypoint"], "jobs/label_catalog.py"))
+    return [parse_entrypoint(entrypoint, script, capsys).pushgateway for entrypoint, script in jobs]
+
+
+@pytest.mark.parametrize("build", TRAIN_BUILDS)
+def test_every_entrypoint_pushes_to_the_pushgateway_setting(build, tmp_path, capsys):
+    gateway = settings(render(build))["PUSHGATEWAY"]
+    assert re.fullmatch(r"[a-z0-9.-]+:[0-9]+", gateway), gateway
+    flags = _pushgateway_flags(build, tmp_path, capsys)
+    assert len(flags) == 2 and set(flags) == {gateway}
+
+
+def test_the_pushgateway_address_is_written_only_as_the_setting():
+    """Its address is in no manifest, template or script but as a PUSHGATEWAY= settings literal."""
+    gateway = settings(render("overlays/gpu"))["PUSHGATEWAY"]
+    host = gateway.split(":")[0]
+    for path in sorted(p for p in K8S.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".sh")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if host in line and not line.lstrip().startswith("#"):
+                assert line.strip() == f"- PUSHGATEWAY={gateway}", f"{path.relative_to(REPO)}:{number}: {line}"
 
 
 def test_raycronjob_entrypoint_is_accepted_by_the_label_job(capsys):
