@@ -530,6 +530,56 @@ def test_the_pushgateway_address_is_written_only_as_the_setting():
                 assert line.strip() == f"- PUSHGATEWAY={gateway}", f"{path.relative_to(REPO)}:{number}: {line}"
 
 
+def _ray_pod_templates(docs: list[dict], tmp_path: Path) -> dict[str, dict]:
+    """Every pod template of the training RayJob and of the label RayJob (rendered, or the RayCronJob's)."""
+    specs = {"train": one(docs, "RayJob", "genre-train")["spec"]}
+    specs.update({f"raycronjob {d['metadata']['name']}": d["spec"]["jobTemplate"]
+                  for d in docs if d["kind"] == "RayCronJob"})
+    if any(d["kind"] == "CronJob" for d in docs):
+        specs["nightly"] = rendered_label_rayjob(docs, tmp_path)["spec"]
+    pods = {}
+    for job, spec in specs.items():
+        cluster = spec["rayClusterSpec"]
+        pods[f"{job} submitter"] = spec["submitterPodTemplate"]
+        pods[f"{job} head"] = cluster["headGroupSpec"]["template"]
+        pods.update({f"{job} {g['groupName']}": g["template"] for g in cluster["workerGroupSpecs"]})
+    return pods
+
+
+def _assert_service_account(docs: list[dict], tmp_path: Path, account: str) -> None:
+    pods = _ray_pod_templates(docs, tmp_path)
+    assert len(pods) == 6, sorted(pods)
+    for name, pod in pods.items():
+        assert pod["spec"].get("serviceAccountName") == account, f"{name}: {pod['spec'].get('serviceAccountName')}"
+        assert pod["spec"]["automountServiceAccountToken"] is False, name
+
+
+@pytest.mark.parametrize("build", TRAIN_BUILDS)
+def test_every_ray_pod_runs_as_the_service_account_setting(build, tmp_path):
+    docs = render(build)
+    _assert_service_account(docs, tmp_path, settings(docs)["SERVICE_ACCOUNT"])
+
+
+@pytest.mark.parametrize("build", TRAIN_BUILDS)
+def test_a_service_account_given_in_the_overlay_reaches_every_ray_pod(build, tmp_path):
+    """IRSA / Workload Identity: set SERVICE_ACCOUNT in the overlay (here, in a copy of k8s/) and every pod
+    template of both jobs gets it."""
+    command = _kustomize_command()
+    if command is None:
+        _missing("neither `kustomize` nor `kubectl` is on PATH")
+    copy_root = tmp_path / "k8s"
+    shutil.copytree(K8S, copy_root)
+    for overlay in CRONJOB_OVERLAYS:
+        path = copy_root / overlay / "kustomization.yaml"
+        text = path.read_text()
+        assert text.count("- SERVICE_ACCOUNT=default\n") == 1, path
+        path.write_text(text.replace("- SERVICE_ACCOUNT=default\n", "- SERVICE_ACCOUNT=genre-pipeline-s3-role\n"))
+    result = subprocess.run([*command, str(copy_root / build)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d is not None]
+    _assert_service_account(docs, tmp_path, "genre-pipeline-s3-role")
+
+
 def test_raycronjob_entrypoint_is_accepted_by_the_label_job(capsys):
     docs = render("optional/raycronjob")
     values = settings(docs)
