@@ -286,10 +286,10 @@ def test_strict_schema_rejects_a_misspelt_key():
     assert crd_errors(train) == []
 
     typo = copy.deepcopy(train)
-    typo["spec"]["shutdownAfterJobFinishe"] = typo["spec"].pop("shutdownAfterJobFinishes")
+    typo["spec"]["activeDeadlineSecond"] = typo["spec"].pop("activeDeadlineSeconds")
     assert crd_errors(typo, strict=False) == [], "the CRD as shipped accepts the typo: the strict check is needed"
     errors = crd_errors(typo)
-    assert any("shutdownAfterJobFinishe" in e and e.startswith("spec:") for e in errors), errors
+    assert any("activeDeadlineSecond" in e and e.startswith("spec:") for e in errors), errors
 
     nested = copy.deepcopy(train)
     worker = nested["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
@@ -306,8 +306,7 @@ def test_rayjobs_clean_up_authenticate_and_take_s3_credentials_from_the_secret(b
     else:
         jobs.append(one(docs, "RayCronJob", "genre-label")["spec"]["jobTemplate"])
     for spec in jobs:
-        assert spec["shutdownAfterJobFinishes"] is True
-        assert 0 < spec["ttlSecondsAfterFinished"] <= 3600
+        assert deletion_rule_errors(spec) == []
         assert spec["activeDeadlineSeconds"] > 0
         assert spec["backoffLimit"] >= 1
         cluster = spec["rayClusterSpec"]
@@ -323,6 +322,96 @@ def test_rayjobs_clean_up_authenticate_and_take_s3_credentials_from_the_secret(b
             assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
             assert pod["spec"]["automountServiceAccountToken"] is False
             assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+# ================================================================ cleanup (deletionStrategy)
+
+DELETION_ORDER = ["DeleteWorkers", "DeleteCluster", "DeleteSelf"]
+
+
+def deletion_rule_errors(spec: dict) -> list[str]:
+    """KubeRay 1.7's own checks of deletionStrategy.deletionRules (ray-operator validation.go, which the CRD's
+    schema cannot express): not with shutdownAfterJobFinishes (nor its TTL), nor with onSuccess/onFailure; each
+    condition one of jobStatus / jobDeploymentStatus; one rule per (condition, policy); TTLs non-decreasing
+    along DeleteWorkers -> DeleteCluster -> DeleteSelf; no DeleteWorkers with the autoscaler."""
+    strategy = spec.get("deletionStrategy") or {}
+    rules = strategy.get("deletionRules") or []
+    errors = []
+    if not rules:
+        return ["no deletionStrategy.deletionRules"]
+    if spec.get("shutdownAfterJobFinishes"):
+        errors.append("shutdownAfterJobFinishes and deletionRules are mutually exclusive")
+    if spec.get("ttlSecondsAfterFinished"):
+        errors.append("ttlSecondsAfterFinished only works with shutdownAfterJobFinishes")
+    if "onSuccess" in strategy or "onFailure" in strategy:
+        errors.append("legacy onSuccess/onFailure together with deletionRules")
+    ttls: dict[tuple[str, str], dict[str, int]] = {}
+    for i, rule in enumerate(rules):
+        condition = rule["condition"]
+        keys = {"jobStatus", "jobDeploymentStatus"} & condition.keys()
+        if len(keys) != 1:
+            errors.append(f"deletionRules[{i}]: exactly one of jobStatus / jobDeploymentStatus")
+            continue
+        (key,) = keys
+        by_policy = ttls.setdefault((key, condition[key]), {})
+        if rule["policy"] in by_policy:
+            errors.append(f"deletionRules[{i}]: duplicate {rule['policy']} for {key} {condition[key]}")
+        by_policy[rule["policy"]] = condition.get("ttlSeconds", 0)
+        if rule["policy"] == "DeleteWorkers" and spec.get("rayClusterSpec", {}).get("enableInTreeAutoscaling"):
+            errors.append(f"deletionRules[{i}]: DeleteWorkers with autoscaling")
+    for (key, value), by_policy in ttls.items():
+        ordered = [by_policy[p] for p in DELETION_ORDER if p in by_policy]
+        if ordered != sorted(ordered):
+            errors.append(f"{key} {value}: TTLs must not decrease along {DELETION_ORDER}: {by_policy}")
+    return errors
+
+
+def _rules(spec: dict) -> dict[tuple[str, str], dict[str, int]]:
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for rule in spec["deletionStrategy"]["deletionRules"]:
+        ((key, value),) = [(k, v) for k, v in rule["condition"].items() if k != "ttlSeconds"]
+        out.setdefault((key, value), {})[rule["policy"]] = rule["condition"].get("ttlSeconds", 0)
+    return out
+
+
+@pytest.mark.parametrize("build", TRAIN_BUILDS)
+def test_finished_rayjobs_are_cleaned_up_and_failed_ones_kept_for_debugging(build, tmp_path):
+    docs = render(build)
+    train = one(docs, "RayJob", "genre-train")
+    nightly = (rendered_label_rayjob(docs, tmp_path) if build in CRONJOB_OVERLAYS
+               else one(docs, "RayCronJob", "genre-label")["spec"]["jobTemplate"])
+    nightly_spec = nightly.get("spec", nightly)
+    for name, spec in [("train", train["spec"]), ("nightly", nightly_spec)]:
+        assert deletion_rule_errors(spec) == [], name
+        rules = _rules(spec)
+        # Success: the cluster (and its GPUs) go within minutes.
+        assert 0 < rules[("jobStatus", "SUCCEEDED")]["DeleteCluster"] <= 3600, name
+        # Failure, by the job or the deployment: GPU workers freed within minutes, the head kept a while for
+        # debugging, the RayJob itself never deleted automatically.
+        for condition in [("jobStatus", "FAILED"), ("jobDeploymentStatus", "Failed")]:
+            assert rules[condition]["DeleteWorkers"] <= 3600, (name, condition)
+            assert rules[condition]["DeleteCluster"] >= 3600, (name, condition)
+            assert "DeleteSelf" not in rules[condition], (name, condition)
+    # Training's RayJob stays (deleting it would let the next apply start a new run); a good night's goes
+    # after a week (RayCronJob has no history limit, so this is what prunes them).
+    assert "DeleteSelf" not in _rules(train["spec"])[("jobStatus", "SUCCEEDED")]
+    assert _rules(nightly_spec)[("jobStatus", "SUCCEEDED")]["DeleteSelf"] >= 86400
+
+
+def test_deletion_rule_check_rejects_what_kuberay_rejects():
+    spec = one(render("overlays/gpu"), "RayJob", "genre-train")["spec"]
+    assert deletion_rule_errors(spec) == []
+    legacy = copy.deepcopy(spec) | {"shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": 300}
+    assert len(deletion_rule_errors(legacy)) == 2
+    disordered = copy.deepcopy(spec)
+    for rule in disordered["deletionStrategy"]["deletionRules"]:
+        if rule["policy"] == "DeleteWorkers":
+            rule["condition"]["ttlSeconds"] = 10**6
+    assert any("must not decrease" in e for e in deletion_rule_errors(disordered))
+    # The CRD schema (strict) also checks the rules' shape: an unknown policy fails there.
+    train = one(render("overlays/gpu"), "RayJob", "genre-train")
+    train["spec"]["deletionStrategy"]["deletionRules"][0]["policy"] = "DeleteEverything"
+    assert any("deletionRules" in e for e in crd_errors(train))
 
 
 # ================================================================ sizes, images, settings
