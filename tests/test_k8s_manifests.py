@@ -4,8 +4,8 @@ schemas (strict: a field the schema does not declare is an error), every entrypo
 argument parser, the nightly RayJob rendered by the very script the CronJob runs, and checkov.
 
 Tools: `kustomize` or `kubectl` (its built-in kustomize), `kubernetes-validate` (pip), `checkov` (on PATH
-or named by $CHECKOV), `busybox` (optional: the render script also runs under it). KubeRay's CRDs come from
-the folder named by $KUBERAY_CRD_SCHEMAS (ray.io_rayjobs.yaml, ray.io_raycronjobs.yaml). A missing tool
+or named by $CHECKOV), `promtool` (on PATH or named by $PROMTOOL), `busybox` (optional: the render script
+also runs under it). KubeRay's CRDs come from the folder named by $KUBERAY_CRD_SCHEMAS (ray.io_rayjobs.yaml, ray.io_raycronjobs.yaml). A missing tool
 skips its tests on a workstation and fails them where $CI is set.
 """
 
@@ -259,7 +259,7 @@ def test_core_objects_match_the_kubernetes_schemas_strictly(build):
             kv.validate(doc, KUBERNETES_VERSION, strict=True)
         except kv.ValidationError as error:
             pytest.fail(f"k8s/{build}: {doc['kind']} {doc['metadata']['name']}: {error}")
-    unchecked = {d["kind"] for d in render(build)} - CORE_KINDS - set(CRD_FILES) - {"PodMonitor"}
+    unchecked = {d["kind"] for d in render(build)} - CORE_KINDS - set(CRD_FILES) - {"PodMonitor", "PrometheusRule"}
     assert not unchecked, f"kinds no test validates: {unchecked}"
 
 
@@ -769,6 +769,120 @@ def test_render_script_fails_on_an_unset_setting_or_a_bad_date(tmp_path):
     assert missing.returncode != 0 and "BUCKET is not set" in missing.stderr
     bad_date = render_label_rayjob(docs, tmp_path, run_date="28.11.2026")
     assert bad_date.returncode != 0 and "YYYY-MM-DD" in bad_date.stderr
+
+
+# ================================================================ alerts (PrometheusRule)
+
+
+def _promtool() -> str:
+    promtool = os.environ.get("PROMTOOL") or shutil.which("promtool")
+    if not promtool:
+        _missing("promtool is not installed (Debian: apt-get install prometheus), or set PROMTOOL")
+    return promtool
+
+
+def _rule_file(tmp_path: Path) -> Path:
+    """The PrometheusRule's groups as a plain Prometheus rule file, which is what the Operator hands Prometheus."""
+    rule = one(render("optional/monitoring"), "PrometheusRule", "genre-pipeline")
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    return path
+
+
+def test_prometheus_rules_pass_promtool_check(tmp_path):
+    rules = _rule_file(tmp_path)
+    result = subprocess.run([_promtool(), "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    alerts = {r["alert"] for g in yaml.safe_load(rules.read_text())["groups"] for r in g["rules"]}
+    assert {"GenrePipelineLabelStale", "GenrePipelineLabelNoPush", "GenrePipelineBadPosterShareHigh",
+            "GenrePipelinePredictBatchSlow"} <= alerts
+
+
+LABEL = 'job="genre_pipeline_label",instance=""'
+# promtool's clock starts at 0. Series are sampled every minute, as a scraped Pushgateway's are; a healthy one
+# is a push every night whose value is the time it was pushed.
+NO_PUSH_ALERT = {
+    "exp_labels": {"severity": "warning", "job": "genre_pipeline_label"},
+    "exp_annotations": {
+        "summary": "The nightly label job pushed nothing in the last 26 hours",
+        "description": "No label run pushed to the Pushgateway since yesterday's 02:30 UTC launch. Check the CronJob "
+        "(kubectl -n genre-pipeline get cronjob genre-label-nightly, its Jobs and events) and the Pushgateway."}}
+NIGHTLY_PUSHES = "0x1439 86400x1439 172800x1440"  # pushed at 0 h, 24 h and 48 h; sampled up to 72 h
+RULE_TESTS = {
+    "rule_files": ["rules.yaml"],
+    "evaluation_interval": "1m",
+    "tests": [
+        {   # A Pushgateway with no label group: the absent() alert fires, nothing else.
+            "interval": "1m",
+            "input_series": [],
+            "alert_rule_test": [
+                {"eval_time": "1h", "alertname": "GenrePipelineLabelNoPush", "exp_alerts": [NO_PUSH_ALERT]},
+                {"eval_time": "1h", "alertname": "GenrePipelineLabelStale", "exp_alerts": []},
+            ],
+        },
+        {   # Healthy: a push each night (every 24 h), a success each time, 1% bad posters: no alert.
+            "interval": "1m",
+            "input_series": [
+                {"series": f'push_time_seconds{{{LABEL},run="night"}}', "values": NIGHTLY_PUSHES},
+                {"series": f'genre_pipeline_label_last_success_timestamp_seconds{{{LABEL},run="night"}}',
+                 "values": NIGHTLY_PUSHES},
+                {"series": f'genre_pipeline_label_rows{{{LABEL},run="night",status="ok"}}', "values": "99x4320"},
+                {"series": f'genre_pipeline_label_rows{{{LABEL},run="night",status="missing_poster"}}',
+                 "values": "1x4320"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "72h", "alertname": name, "exp_alerts": []}
+                for name in ("GenrePipelineLabelNoPush", "GenrePipelineLabelStale", "GenrePipelineBadPosterShareHigh")
+            ],
+        },
+        {   # The pushes stop after the first night: 26 h later no push, 36 h later stale.
+            "interval": "1m",
+            "input_series": [
+                {"series": f'push_time_seconds{{{LABEL},run="night"}}', "values": "0x2880"},
+                {"series": f'genre_pipeline_label_last_success_timestamp_seconds{{{LABEL},run="night"}}',
+                 "values": "0x2880"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "20h", "alertname": "GenrePipelineLabelNoPush", "exp_alerts": []},
+                {"eval_time": "27h", "alertname": "GenrePipelineLabelNoPush", "exp_alerts": [NO_PUSH_ALERT]},
+                {"eval_time": "30h", "alertname": "GenrePipelineLabelStale", "exp_alerts": []},
+                {"eval_time": "37h", "alertname": "GenrePipelineLabelStale", "exp_alerts": [{
+                    "exp_labels": {"severity": "warning"},
+                    "exp_annotations": {
+                        "summary": "No successful genre labelling for 36 hours",
+                        "description": "The last successful label run was 1d 13h 0m 0s ago. Look at the nightly "
+                        "RayJobs (kubectl -n genre-pipeline get rayjobs -l app.kubernetes.io/component=label) "
+                        "and their logs."}}]},
+            ],
+        },
+        {   # A night with 20% bad posters alerts while it is recent.
+            "interval": "1m",
+            "input_series": [
+                {"series": f'genre_pipeline_label_last_success_timestamp_seconds{{{LABEL},run="bad"}}',
+                 "values": "0x180"},
+                {"series": f'genre_pipeline_label_rows{{{LABEL},run="bad",status="ok"}}', "values": "80x180"},
+                {"series": f'genre_pipeline_label_rows{{{LABEL},run="bad",status="fetch_failed"}}',
+                 "values": "20x180"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "2h", "alertname": "GenrePipelineBadPosterShareHigh",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning", "run": "bad"}, "exp_annotations": {
+                     "summary": "bad: 20% of the movies have no usable poster",
+                     "description": "genre_pipeline_label_rows by status shows which kind (missing, unreadable, "
+                     "fetch_failed, refused)."}}]},
+            ],
+        },
+    ],
+}
+
+
+def test_prometheus_rules_fire_on_a_night_without_push_and_stay_quiet_when_healthy(tmp_path):
+    _rule_file(tmp_path)
+    tests = tmp_path / "rules_test.yaml"
+    tests.write_text(yaml.safe_dump(RULE_TESTS, sort_keys=False))
+    result = subprocess.run([_promtool(), "test", "rules", str(tests)], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ================================================================ security scan
