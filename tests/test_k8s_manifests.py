@@ -5,8 +5,8 @@ argument parser, the nightly RayJob rendered by the very script the CronJob runs
 
 Tools: `kustomize` or `kubectl` (its built-in kustomize), `kubernetes-validate` (pip), `checkov` (on PATH
 or named by $CHECKOV), `promtool` (on PATH or named by $PROMTOOL), `busybox` (optional: the render script
-also runs under it). KubeRay's CRDs come from the folder named by $KUBERAY_CRD_SCHEMAS (ray.io_rayjobs.yaml, ray.io_raycronjobs.yaml). A missing tool
-skips its tests on a workstation and fails them where $CI is set.
+also runs under it). KubeRay's CRDs come from the folder named by $KUBERAY_CRD_SCHEMAS (ray.io_rayjobs.yaml,
+ray.io_raycronjobs.yaml). A missing tool skips its tests on a workstation and fails them where $CI is set.
 """
 
 from __future__ import annotations
