@@ -1,4 +1,4 @@
-"""Build the catalogue Parquet, from MovieLens-1M or as a generated sample.
+r"""Build the catalogue Parquet, from MovieLens-1M or as a generated sample.
 
     python jobs/build_catalog.py --movielens-dir ../shared/data/ml1m --posters ../shared/data/ml1m/posters \
         --split-file ../shared/data/ml1m/split.csv --out out/ml1m

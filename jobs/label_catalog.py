@@ -1,4 +1,4 @@
-"""Label every movie of the catalogue with genres from its poster: the nightly Ray Data job.
+r"""Label every movie of the catalogue with genres from its poster: the nightly Ray Data job.
 
     python jobs/label_catalog.py --catalog out/sample/catalog.parquet --model out/runs/demo-cnn/model \
         --output out/labels --run-date 2026-11-28

@@ -1,4 +1,4 @@
-"""Promote a published model version: point `<registry>/production` at it, for the nightly label job.
+r"""Promote a published model version: point `<registry>/production` at it, for the nightly label job.
 
     python jobs/promote_model.py --registry s3://bucket/models \
         --version s3://bucket/runs/genre-lite2/versions/<model_version>

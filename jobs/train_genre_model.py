@@ -1,4 +1,4 @@
-"""Fine-tune a genre model on the catalogue's train split with Ray Train, and publish the best checkpoint.
+r"""Fine-tune a genre model on the catalogue's train split with Ray Train, and publish the best checkpoint.
 
     python jobs/train_genre_model.py --catalog out/ml1m/catalog.parquet --num-workers 2 --cpus-per-worker 0.5 \
         --storage-path out/runs --name ml1m-lite0
