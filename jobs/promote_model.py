@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from 
 
 from genre_pipeline.data import storage  # noqa: E402
 from genre_pipeline.jobs_cli import add_storage_flags, storage_options_from  # noqa: E402
-from genre_pipeline.model.checkpoints import POINTER_FILE, pin_model, write_atomically  # noqa: E402
+from genre_pipeline.model.checkpoints import POINTER_FILE, pin_model  # noqa: E402
 from genre_pipeline.runtime import run_job  # noqa: E402
 
 logger = logging.getLogger("promote_model")
@@ -49,7 +49,7 @@ def promote(version: str, registry: str, options: storage.StorageOptions = stora
     pointer = json.dumps({"checkpoint": target, "model_version": pinned.meta.model_version,
                           "weights_sha256": pinned.weights_sha256}, indent=2).encode()
     pointer_uri = storage.join(registry, STAGE, POINTER_FILE)
-    write_atomically(pointer_uri, pointer, options)
+    storage.write_atomically(pointer_uri, pointer, options)
     return pointer_uri
 
 

@@ -36,7 +36,7 @@ def test_promoting_a_version_pins_the_nightly_model_to_it(published, capsys):
     assert pinned.weights_sha256 == meta["weights_sha256"]
     pointer = json.loads((registry / "production" / "pointer.json").read_text())
     assert pointer["model_version"] == meta["model_version"]
-    assert not list((registry / "production").glob(".pointer-*")), "a temp file left beside the pointer"
+    assert not list((registry / "production").glob(".partial-*")), "a temp file left beside the pointer"
 
     # A promotion is a pointer swap, nothing copied; the next one replaces it.
     assert sorted(p.name for p in (registry / "production").iterdir()) == ["pointer.json"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -244,3 +245,17 @@ def relative_to(base: str, relative: str) -> str:
         return os.path.normpath(joined)
     scheme, path = joined.split("://", 1)
     return f"{scheme}://{posixpath.normpath(path)}"
+
+
+def write_atomically(uri: str, data: bytes, options: StorageOptions = StorageOptions()) -> None:
+    """Readers see the old bytes or the new: one PUT on S3, a rename of a complete file locally."""
+    if is_remote(uri):
+        write_bytes(uri, data, options)
+        return
+    path = fsspec_filesystem(uri)[1]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".partial-", delete=False) as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)

@@ -17,7 +17,6 @@ import os
 import pickle
 import platform
 import posixpath
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -193,23 +192,9 @@ def publish_checkpoint(source_dir: str, model_uri: str,
         storage.write_bytes(storage.join(version_uri, name), (Path(source_dir) / name).read_bytes(), options)
     pointer = json.dumps({"checkpoint": relative, "model_version": meta.model_version,
                           "weights_sha256": meta.weights_sha256}, indent=2).encode()
-    write_atomically(storage.join(model_uri, POINTER_FILE), pointer, options)
+    storage.write_atomically(storage.join(model_uri, POINTER_FILE), pointer, options)
     for name in (WEIGHTS_FILE, META_FILE):  # a checkpoint published in place before pointers existed
         legacy = storage.join(model_uri, name)
         if storage.exists(legacy, options):
             storage.remove(legacy, options)
     return version_uri
-
-
-def write_atomically(uri: str, data: bytes, options: storage.StorageOptions = storage.StorageOptions()) -> None:
-    """Readers see the old bytes or the new: one PUT on S3, a rename of a complete file locally."""
-    if storage.is_remote(uri):
-        storage.write_bytes(uri, data, options)
-        return
-    path = storage.fsspec_filesystem(uri)[1]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".pointer-", delete=False) as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
