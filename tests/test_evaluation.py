@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score
 
 from genre_pipeline.evaluate import metrics as ev
-from genre_pipeline.evaluate import plots, report
+from genre_pipeline.evaluate import plots, tables
 from genre_pipeline.genres import DEFAULT_THRESHOLD
 
 # 5 rows x 4 genres. Row 3 has a true genre but no prediction, row 4 neither; genre 3 is never true
@@ -205,12 +205,12 @@ def test_frequency_prior():
 
 
 def test_markdown_tables():
-    table = report.render_summary_table({"model": ev.summary_metrics(Y_TRUE, Y_TRUE, PREDICTED)})
+    table = tables.render_summary_table({"model": ev.summary_metrics(Y_TRUE, Y_TRUE, PREDICTED)})
     header, rule, row = table.splitlines()
     assert "F1 micro" in header and "mAP@5" in header and rule.startswith("| --- |")
     assert row.startswith("| model | 0.5455 |")  # 6/11
     metrics = ev.evaluate_scores(Y_TRUE, Y_TRUE, PREDICTED, ["a", "b", "c", "d"])
-    assert report.render_per_genre_table(metrics.per_genre).splitlines()[-1].endswith("| n/a |")
+    assert tables.render_per_genre_table(metrics.per_genre).splitlines()[-1].endswith("| n/a |")
 
 
 def test_plots_write_png(tmp_path):

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,14 +26,13 @@ from genre_pipeline.data.images import PreprocessSpec
 from genre_pipeline.errors import JobInputError
 from genre_pipeline.evaluate import plots
 from genre_pipeline.evaluate.metrics import (
-    SUMMARY_COLUMNS,
-    GenreMetrics,
     MetricsReport,
     evaluate_scores,
     frequency_prior,
     metrics_line,
     prior_scores,
 )
+from genre_pipeline.evaluate.tables import render_per_genre_table, render_summary_table, subset_lines
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, UnknownGenreError, column_name, encode_many
 from genre_pipeline.jobs_cli import flag
 from genre_pipeline.label.contract import PARTITION_KEY
@@ -252,28 +249,15 @@ def model_card(config: EvaluateConfig, model_versions: list[str]) -> dict:
             "weights_source": meta.weights_source or {"kind": "not recorded"},
             "preprocess": meta.preprocess.to_dict(), "threshold_objective": meta.threshold_objective,
             "thresholds": dict(zip(meta.genres, meta.thresholds, strict=True)), "epoch": meta.epoch,
-            "recipe": meta.recipe, "validation_metrics": meta.metrics}
+            "recipe": meta.recipe, "validation_metrics": meta.metrics, "signals": meta.signals,
+            **({"fusion": fusion_card(meta.fusion)} if meta.is_fusion else {})}
 
 
-def _cell(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.4f}"
-
-
-def render_summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
-    """The study's table as Markdown: one row per model (e.g. `model`, `frequency prior`)."""
-    header = "| | " + " | ".join(title for _, title in SUMMARY_COLUMNS) + " |"
-    rule = "| --- |" + " ---: |" * len(SUMMARY_COLUMNS)
-    lines = [f"| {name} | " + " | ".join(_cell(values[key]) for key, _ in SUMMARY_COLUMNS) + " |"
-             for name, values in rows.items()]
-    return "\n".join([header, rule, *lines])
-
-
-def render_per_genre_table(per_genre: Sequence[GenreMetrics]) -> str:
-    header = "| genre | support | predicted | precision | recall | F1 | AP |"
-    rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-    lines = [f"| {g.genre} | {g.support} | {g.predicted} | {_cell(g.precision)} | {_cell(g.recall)} | "
-             f"{_cell(g.f1)} | {_cell(g.average_precision)} |" for g in per_genre]
-    return "\n".join([header, rule, *lines])
+def fusion_card(fusion: dict) -> dict:
+    """What the report shows of a fusion model: its tables' versions and its per-subset validation table."""
+    return {"embeddings": {signal: {key: table[key] for key in ("version", "space", "method", "dim")}
+                           for signal, table in fusion.get("embeddings", {}).items()},
+            "subset_metrics": fusion.get("subset_metrics", {}), "validation_rows": fusion.get("validation_rows", 0)}
 
 
 def render_model_card(card: dict) -> list[str]:
@@ -291,7 +275,18 @@ def render_model_card(card: dict) -> list[str]:
         f"({'one threshold, ' + str(thresholds[0]) if len(thresholds) == 1 else 'per genre'})",
         f"- recipe: {recipe}",
         f"- validation at that epoch: {metrics_line(card['validation_metrics'])}", "",
+        *fusion_lines(card),
     ]
+
+
+def fusion_lines(card: dict) -> list[str]:
+    if "fusion" not in card:
+        return []
+    fusion = card["fusion"]
+    tables = [f"- {signal} embeddings: version {t['version']} ({t['method']}, {t['dim']} dims)"
+              for signal, t in sorted(fusion["embeddings"].items())]
+    return [f"- signals: {', '.join(card['signals'])}", *tables, "",
+            *subset_lines(fusion["subset_metrics"], fusion["validation_rows"])]
 
 
 def status_text(by_status: dict[str, int]) -> str:

@@ -27,6 +27,7 @@ from genre_pipeline.data import storage
 from genre_pipeline.data.images import PreprocessSpec
 from genre_pipeline.errors import JobInputError
 from genre_pipeline.model.architectures import GenreNet, build_model
+from genre_pipeline.model.fusion import POSTER, FusionHead, FusionNet
 
 WEIGHTS_FILE = "model.pt"
 META_FILE = "meta.json"
@@ -53,6 +54,19 @@ class ModelMeta:
     weights_source: dict[str, str] = field(default_factory=dict)  # the initial weights: package/file + sha256, random
     recipe: dict = field(default_factory=dict)  # the training hyperparameters that made it
     versions: dict[str, str] = field(default_factory=dict)
+    signals: list[str] = field(default_factory=lambda: ["poster"])  # what the model scores from
+    # A fusion model's: hidden width, each signal's input width, the embedding tables it was trained on (uri,
+    # version, space), thresholds per signal subset and validation metrics per subset. Empty: a poster model.
+    fusion: dict = field(default_factory=dict)
+
+    @property
+    def is_fusion(self) -> bool:
+        return bool(self.fusion)
+
+    def thresholds_for(self, subset: str) -> np.ndarray:
+        """The thresholds tuned for this subset of signals (a poster model: its only ones)."""
+        by_subset = self.fusion.get("thresholds_by_signals", {})
+        return np.asarray(by_subset.get(subset, self.thresholds), dtype=np.float32)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -86,12 +100,25 @@ def weights_bytes(model: torch.nn.Module) -> bytes:
     return buffer.getvalue()
 
 
+def model_family(meta: ModelMeta) -> str:
+    return f"fusion-{meta.arch}" if meta.is_fusion else meta.arch
+
+
+def build_from_meta(meta: ModelMeta) -> torch.nn.Module:
+    """The network meta describes, with untrained weights (the checkpoint's replace them)."""
+    if not meta.is_fusion:
+        return build_model(arch=meta.arch, num_genres=len(meta.genres))
+    backbone = build_model(arch=meta.arch, num_genres=len(meta.genres)).backbone if POSTER in meta.signals else None
+    dims = {signal: int(width) for signal, width in meta.fusion["dims"].items()}
+    return FusionNet(backbone, FusionHead(dims, int(meta.fusion["hidden"]), len(meta.genres)))
+
+
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, meta: ModelMeta) -> ModelMeta:
     """Write weights and meta into a local directory; the model version is derived from the weights' hash."""
     data = weights_bytes(model)
     digest = hashlib.sha256(data).hexdigest()
     meta = ModelMeta(**{**asdict(meta), "preprocess": meta.preprocess, "weights_sha256": digest,
-                        "model_version": f"{meta.arch}-e{meta.epoch}-{digest[:12]}"})
+                        "model_version": f"{model_family(meta)}-e{meta.epoch}-{digest[:12]}"})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / WEIGHTS_FILE).write_bytes(data)
@@ -162,7 +189,7 @@ def _read_weights(weights_uri: str, options: storage.StorageOptions) -> bytes:
 def load_checkpoint(
     uri: str, options: storage.StorageOptions = storage.StorageOptions(), map_location: str = "cpu",
     expected_sha256: str | None = None,
-) -> tuple[GenreNet, ModelMeta]:
+) -> tuple[GenreNet | FusionNet, ModelMeta]:
     """Rebuild the model from meta (no pretrained download: the weights replace them) and load the weights,
     once their digest matches meta's (and `expected_sha256`, a pinned model's)."""
     uri = resolve_checkpoint(uri, options)
@@ -173,7 +200,7 @@ def load_checkpoint(
     if expected_sha256 and digest != expected_sha256:
         raise CheckpointError(f"{weights_uri}: sha256 {digest[:12]}... is not the pinned {expected_sha256[:12]}...: "
                               "the model changed during the run; refusing it")
-    model = build_model(arch=meta.arch, num_genres=len(meta.genres))
+    model = build_from_meta(meta)
     try:
         model.load_state_dict(torch.load(io.BytesIO(data), map_location=map_location, weights_only=True))
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:

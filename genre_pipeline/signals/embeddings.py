@@ -41,6 +41,14 @@ class EmbeddingMeta:
     source: str = ""  # the input's URI
     source_fingerprint: str = ""  # digest of the input (rows, columns or bytes), part of the version
     rows: int = 0
+    # Vectors from different runs are comparable when they share a space: a title model maps every title the
+    # same way (its space: the model and normalisation), an SVD basis exists only in its own run (empty: the
+    # version). A fusion model accepts only tables of the spaces it was trained on.
+    space: str = ""
+
+    @property
+    def space_id(self) -> str:
+        return self.space or self.version
 
     @property
     def version(self) -> str:

@@ -1,0 +1,94 @@
+r"""Train a fusion model (poster + title + ratings embeddings) with Ray Train, and publish it.
+
+    python jobs/embed_titles.py --catalog out/ml1m/catalog.parquet --out out/embeddings/title
+    python jobs/embed_ratings.py --ratings ratings.dat --out out/embeddings/ratings
+    python jobs/train_fusion_model.py --catalog out/ml1m/catalog.parquet --storage-path out/runs --name ml1m-fusion \
+        --title-embeddings out/embeddings/title/version=<v> --ratings-embeddings out/embeddings/ratings/version=<v>
+
+Trains on the train split's movies with genres, with or without a poster: the poster's features come from a
+frozen ImageNet-pretrained backbone (from its package), the other signals from the embedding tables, and
+modality dropout teaches the model to score any subset of them. Thresholds are tuned per subset of signals on
+validation; the report prints each subset's metrics on the same validation movies (those with every signal).
+The model is published like the poster models': `<storage-path>/<name>/versions/<model_version>/` and the
+pointer `<storage-path>/<name>/model`, for the label job's --model (give it the same embedding tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
+
+from genre_pipeline.data import storage  # noqa: E402
+from genre_pipeline.evaluate.tables import subset_lines  # noqa: E402
+from genre_pipeline.jobs_cli import (  # noqa: E402
+    STORAGE_FLAGS,
+    add_config_flags,
+    add_storage_flags,
+    config_from_args,
+    storage_options_from,
+)
+from genre_pipeline.runtime import FailureMetric, run_job  # noqa: E402
+from genre_pipeline.telemetry import TRAIN_JOB, LabelledGauge, push_job_outcome  # noqa: E402
+from genre_pipeline.train.driver import TrainSummary  # noqa: E402
+from genre_pipeline.train.fusion_driver import FusionJobConfig, run_fusion_training  # noqa: E402
+
+logger = logging.getLogger("train_fusion_model")
+
+EXTRA_FLAGS = ("--pushgateway", *STORAGE_FLAGS)  # the flags that are not FusionJobConfig fields
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p, FusionJobConfig)
+    p.add_argument("--pushgateway", default=None, help="HOST:PORT of a Prometheus Pushgateway")
+    add_storage_flags(p)
+    return p
+
+
+def parse_config(argv: list[str] | None) -> tuple[FusionJobConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    return config_from_args(FusionJobConfig, args, storage_options=storage_options_from(args)), args
+
+
+def check_storage(config: FusionJobConfig) -> None:
+    options = config.storage_options
+    storage.check_readable(config.catalog, options)
+    for uri in config.tables.values():
+        storage.check_readable(uri, options)
+    storage.check_writable(config.storage_path, options)
+
+
+def push_metrics(gateway: str | None, config: FusionJobConfig, summary: TrainSummary, seconds: float) -> None:
+    meta = summary.meta
+    gauges = {f"train_{name}": (value, f"Validation {name.removeprefix('val_')} of the published model")
+              for name, value in meta.metrics.items()}
+    gauges["train_duration_seconds"] = (seconds, "Wall time of the training job")
+    gauges["train_last_success_timestamp_seconds"] = (time.time(), "Unix time the training job succeeded")
+    push_job_outcome(gateway, job=TRAIN_JOB, run=config.name, gauges=gauges, labelled={
+        "model_info": LabelledGauge("The model the run published (always 1)", "model_version",
+                                    {meta.model_version: 1.0})})
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, args = parse_config(argv)
+    started = time.monotonic()
+
+    def train() -> None:
+        summary = run_fusion_training(config)
+        push_metrics(args.pushgateway, config, summary, time.monotonic() - started)
+        print("\n".join(subset_lines(summary.meta.fusion["subset_metrics"], summary.meta.fusion["validation_rows"])))
+        print(f"model {summary.meta.model_version} published to {summary.model_uri}")
+
+    return run_job(train, logger=logger, checks=(config.validate, functools.partial(check_storage, config)),
+                   ray_needed=True, failure=FailureMetric(args.pushgateway, job=TRAIN_JOB, run=config.name,
+                                                          name="train_last_failure_timestamp_seconds"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
