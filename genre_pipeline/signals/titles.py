@@ -120,8 +120,9 @@ def resolve_model_dir(model_dir: str | None) -> Path:
 
 def max_seq_length(folder: Path) -> int:
     config = folder / "sentence_bert_config.json"
-    return json.loads(config.read_text()).get("max_seq_length", DEFAULT_MAX_SEQ_LENGTH) if config.is_file() \
-        else DEFAULT_MAX_SEQ_LENGTH
+    if not config.is_file():  # a plain transformers folder: sentence-transformers' default
+        return DEFAULT_MAX_SEQ_LENGTH
+    return int(json.loads(config.read_text()).get("max_seq_length", DEFAULT_MAX_SEQ_LENGTH))
 
 
 def model_dim(folder: Path) -> int:
