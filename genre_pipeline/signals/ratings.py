@@ -55,6 +55,7 @@ DAT_COLUMNS = ["user_id", "movie_id", "rating", "timestamp"]
 REQUIRED_COLUMNS = ("user_id", "movie_id", "rating")
 WEIGHTINGS = ("binary", "inverse_sqrt")
 CHUNK_BYTES = 8 << 20  # text read in chunks of whole lines: a file of any size streams in bounded memory
+PARTITION_BYTES = 32 << 20  # input bytes per shuffle partition
 BATCH_USERS = 4096  # users per pass batch: each returns one partial (its movies x l), added on the driver
 
 
@@ -257,15 +258,20 @@ def user_movies(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"user_id": group["user_id"][:1], "movies": np.array([movies], dtype=object), "n": np.array([len(movies)])}
 
 
-def by_user(ratings: ray.data.Dataset) -> ray.data.Dataset:
+def by_user(ratings: ray.data.Dataset, input_bytes: int) -> ray.data.Dataset:
     """One row per user with its movies, materialised (distributed) once: every pass re-reads it, not the files."""
-    return ratings.groupby("user_id").map_groups(user_movies, batch_format="numpy").materialize()
+    # One shuffle partition per core of the cluster, more for large inputs; Ray's default of 200 costs a small
+    # input more in scheduling than in work.
+    partitions = max(int(ray.cluster_resources().get("CPU", 1)), input_bytes // PARTITION_BYTES)
+    return ratings.groupby("user_id", num_partitions=partitions).map_groups(
+        user_movies, batch_format="numpy").materialize()
 
 
 def gaussian_rows(user_ids: np.ndarray, width: int, seed: int) -> np.ndarray:
     """Omega[u]: `width` standard normals from splitmix64 of (seed, user_id, column), identical on any worker."""
+    offset = np.array([seed], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # an array: wraps without a warning
     counters = (user_ids.astype(np.uint64)[:, None] * np.uint64(2 * width + 1)
-                + np.arange(2 * width, dtype=np.uint64)[None, :] + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15))
+                + np.arange(2 * width, dtype=np.uint64)[None, :] + offset)
     bits = splitmix64(counters)
     uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)  # in (0, 1), never 0
     radius = np.sqrt(-2.0 * np.log(uniform[:, :width]))
@@ -372,7 +378,8 @@ def embed_ratings(config: RatingsConfig) -> RatingsSummary:
     file_format, entries = list_inputs(config.ratings, config.storage_options)
     meta_params = {**config.params, "dim": config.dim}
     source_fingerprint = fingerprint(entries, meta_params)
-    users = by_user(read_ratings(config.ratings, file_format, entries, config.storage_options))
+    input_bytes = sum(int(entry.get("size") or 0) for entry in entries)
+    users = by_user(read_ratings(config.ratings, file_format, entries, config.storage_options), input_bytes)
     movie_ids, counts, u, s = factorise(users, config)
     keep = counts >= config.min_ratings
     vectors = movie_embedding(u, s, config.dim)[keep]
