@@ -13,6 +13,7 @@ from genre_pipeline.data.storage import StorageOptions
 from genre_pipeline.evaluate.report import EvaluateConfig
 from genre_pipeline.jobs_cli import STORAGE_FLAGS, flag_fields, flag_name
 from genre_pipeline.label.pipeline import LabelConfig
+from genre_pipeline.signals.ratings import RatingsConfig
 from genre_pipeline.train.driver import TrainJobConfig
 
 # job -> (its config class, or the job module's attribute naming it; the least argv it accepts; the config's
@@ -24,6 +25,7 @@ JOBS = {
     "train_genre_model": (TrainJobConfig, ["--catalog", "c", "--storage-path", "s", "--name", "n"],
                           {"catalog": "c", "storage_path": "s", "name": "n"}),
     "evaluate": (EvaluateConfig, ["--labels", "l", "--catalog", "c"], {"labels": "l", "catalog": "c"}),
+    "embed_ratings": (RatingsConfig, ["--ratings", "r", "--out", "o"], {"ratings": "r", "out": "o"}),
 }
 NOT_FLAGS = {"storage_options"}  # built from the storage flags, which each job lists among its extra flags
 
