@@ -13,8 +13,10 @@ from genre_pipeline.data.storage import StorageOptions
 from genre_pipeline.evaluate.report import EvaluateConfig
 from genre_pipeline.jobs_cli import STORAGE_FLAGS, flag_fields, flag_name
 from genre_pipeline.label.pipeline import LabelConfig
+from genre_pipeline.signals.ratings import RatingsConfig
 from genre_pipeline.signals.titles import TitleEmbeddingConfig
 from genre_pipeline.train.driver import TrainJobConfig
+from genre_pipeline.train.fusion_driver import FusionJobConfig
 
 # job -> (its config class, or the job module's attribute naming it; the least argv it accepts; the config's
 # required fields for that argv)
@@ -26,6 +28,9 @@ JOBS = {
                           {"catalog": "c", "storage_path": "s", "name": "n"}),
     "evaluate": (EvaluateConfig, ["--labels", "l", "--catalog", "c"], {"labels": "l", "catalog": "c"}),
     "embed_titles": (TitleEmbeddingConfig, ["--catalog", "c", "--out", "o"], {"catalog": "c", "out": "o"}),
+    "embed_ratings": (RatingsConfig, ["--ratings", "r", "--out", "o"], {"ratings": "r", "out": "o"}),
+    "train_fusion_model": (FusionJobConfig, ["--catalog", "c", "--storage-path", "s", "--name", "n"],
+                           {"catalog": "c", "storage_path": "s", "name": "n"}),
 }
 NOT_FLAGS = {"storage_options"}  # built from the storage flags, which each job lists among its extra flags
 
