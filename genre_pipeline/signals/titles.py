@@ -51,6 +51,8 @@ DEFAULT_MAX_SEQ_LENGTH = 256  # sentence-transformers' truncation for this model
 # Ray Data's repartition runs in tasks that need one whole CPU: the actors leave it free (as the label job does).
 IO_CPU_RESERVE = 1.0
 
+# Bump when normalise_title changes: vectors of differently normalised titles are not comparable.
+NORMALISATION_VERSION = 1
 # MovieLens writes "Matrix, The" and "Cité des enfants perdus, La": these trailing articles go back to the front.
 ARTICLES = ("The", "A", "An", "La", "Le", "Les", "Il", "Das", "Der", "Die", "El", "L'")
 _TRAILING_ARTICLE = re.compile(r"^(?P<body>.+?),\s*(?P<article>" + "|".join(map(re.escape, ARTICLES)) + r")$")
@@ -305,7 +307,9 @@ def embedding_meta(config: TitleEmbeddingConfig, table: pa.Table, folder: Path) 
     return EmbeddingMeta(
         signal="title", dim=model_dim(folder), method=f"{name} mean pooling, L2-normalised",
         params={"model": name, "model_sha256": weights, "max_seq_length": max_seq_length(folder)},
-        source=config.catalog, source_fingerprint=fingerprint, rows=table.num_rows)
+        source=config.catalog, source_fingerprint=fingerprint, rows=table.num_rows,
+        # Any catalogue's titles land in the same space: the model's weights and this module's normalisation.
+        space=f"title:{NORMALISATION_VERSION}:{weights[:16]}")
 
 
 def embed_titles(config: TitleEmbeddingConfig) -> tuple[str, int, float]:
