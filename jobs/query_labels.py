@@ -3,7 +3,7 @@
     python jobs/query_labels.py --labels out/labels --query latest --limit 10
     python jobs/query_labels.py --labels out/labels --query "SELECT status, count(*) FROM labels GROUP BY 1"
 
-`--query` is one of the documented queries (latest, per_genre, changed) or any SQL over the view `labels`.
+`--query` is one of the documented queries (latest, per_genre, signals, changed) or any SQL over the view `labels`.
 """
 
 from __future__ import annotations

@@ -137,3 +137,26 @@ def test_readme_queries_are_the_tested_ones():
     for name, sql in QUERIES.items():
         assert normalise(sql) in readme, (
             f"docs/operations.md's '{name}' query differs from genre_pipeline/label/warehouse.py")
+
+
+def test_signals_query_counts_what_scored_the_newest_night(nights):
+    labels, catalog, ok_ids = nights
+    rows = {(r["signals"], r["status"]): r["movies"] for r in run_query(str(labels), "signals").to_pylist()}
+    assert rows[("poster", "ok")] == len(ok_ids)
+    assert sum(count for (signals, _), count in rows.items() if signals == "") == catalog.num_rows - len(ok_ids)
+
+
+def test_a_night_written_before_the_signals_column_reads_it_as_null(nights, tmp_path):
+    """Nights of an earlier release (no `signals` column) stay queryable beside newer ones."""
+    labels, catalog, _ = nights
+    old = tmp_path / "labels"
+    for night in NIGHTS:
+        table = pq.read_table(labels / f"run_date={night}" / LABELS_FILE)
+        if night == NIGHTS[0]:
+            table = table.drop_columns(["signals"])
+        (old / f"run_date={night}").mkdir(parents=True)
+        pq.write_table(table, old / f"run_date={night}" / LABELS_FILE)
+    rows = run_query(str(old), "SELECT run_date, count(*) AS movies, count(signals) AS with_signals FROM labels "
+                               "GROUP BY run_date ORDER BY run_date").to_pylist()
+    assert [(str(r["run_date"]), r["movies"], r["with_signals"]) for r in rows] == [
+        (NIGHTS[0], catalog.num_rows, 0), (NIGHTS[1], catalog.num_rows, catalog.num_rows)]

@@ -21,8 +21,8 @@ from genre_pipeline import failpoints
 from genre_pipeline.data import storage
 from genre_pipeline.data.posters import Batch, PosterPolicy, decode_posters, fetch_posters
 from genre_pipeline.label.contract import to_label_table
-from genre_pipeline.model.predictor import GenrePredictor
-from genre_pipeline.statuses import STATUS_INFERENCE_FAILED, STATUS_OK
+from genre_pipeline.model.predictor import GenrePredictor, signal_lists
+from genre_pipeline.statuses import STATUS_INFERENCE_FAILED, STATUS_OK, STATUS_PARTIAL
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +41,15 @@ def model_lock(predictor: GenrePredictor) -> contextlib.AbstractContextManager:
 
 
 def mark_inference_failed(batch: Batch, error: Exception, genres: int) -> Batch:
-    """The block's scorable rows get `inference_failed` and the error; the others keep their status."""
+    """The block's scored rows get `inference_failed` and the error; the others keep their status."""
     batch.pop("image", None)
     count = len(batch["status"])
-    ok = batch["status"] == STATUS_OK
+    ok = np.isin(batch["status"], (STATUS_OK, STATUS_PARTIAL))
     batch["status"] = np.where(ok, STATUS_INFERENCE_FAILED, batch["status"]).astype(object)
     reason = storage.redact(f"scoring failed: {type(error).__name__}: {error}")
     batch["error"] = np.where(ok, reason, batch["error"]).astype(object)
     batch["scores"] = np.full((count, genres), np.nan, dtype=np.float32)
+    batch["signals"] = signal_lists([[] for _ in range(count)])
     return batch
 
 
@@ -64,7 +65,7 @@ class PosterLabeller:
                                         num_threads=num_threads, precision=precision, compile_model=compile_model,
                                         expected_sha256=expected_sha256)
         meta = self.predictor.meta
-        self.label_kwargs = {"genres": meta.genres, "thresholds": meta.threshold_array,
+        self.label_kwargs = {"genres": meta.genres, "thresholds": meta.thresholds_for,
                              "model_version": meta.model_version, "run_id": run_id, "labelled_at": labelled_at}
         self.decode_pool = ThreadPoolExecutor(self.predictor.threads) if fetch_and_decode else None
         self.storage_options = storage_options

@@ -37,7 +37,7 @@ from genre_pipeline import failpoints
 from genre_pipeline.data import storage
 from genre_pipeline.errors import JobInputError
 from genre_pipeline.label.contract import PARTITION_KEY
-from genre_pipeline.statuses import STATUS_OK
+from genre_pipeline.model.fusion import POSTER
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +63,17 @@ class NightVersion:
 class NightSpool:
     """The night's label rows in one local Parquet file, written as the blocks arrive."""
 
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
+    def __init__(self, path: Path, schema: pa.Schema, *, poster_signal: bool = True) -> None:
         self.path = path
         self.schema = schema
+        self.poster_signal = poster_signal  # the model scores posters: a poster that failed counts against the night
         self.writer = pq.ParquetWriter(path, schema, compression="zstd")
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.statuses: Counter[str] = Counter()
         self.movie_ids: list[np.ndarray] = []
         self.posters = 0  # rows with a poster_uri
-        self.failed_by_status: Counter[str] = Counter()  # of those, the rows not scored
+        self.failed_by_status: Counter[str] = Counter()  # of those, the rows scored without their poster
         self.first_error: str | None = None
 
     def write(self, table: pa.Table) -> None:
@@ -80,8 +81,9 @@ class NightSpool:
         statuses = table.column("status").to_pylist()
         self.statuses.update(statuses)
         with_poster = [uri is not None for uri in table.column("poster_uri").to_pylist()]
-        failed = [i for i, (status, has) in enumerate(zip(statuses, with_poster, strict=True))
-                  if has and status != STATUS_OK]
+        signals = table.column("signals").to_pylist()
+        failed = [i for i, (has, used) in enumerate(zip(with_poster, signals, strict=True))
+                  if has and self.poster_signal and POSTER not in (used or ())]
         self.posters += sum(with_poster)
         self.failed_by_status.update(statuses[i] for i in failed)
         if failed and self.first_error is None:
@@ -141,11 +143,11 @@ class NightStore:
         root = Path(storage.fsspec_filesystem(self.root)[1])
         return root.parent / f".{root.name}.staging"
 
-    def open_spool(self, schema: pa.Schema) -> NightSpool:
+    def open_spool(self, schema: pa.Schema, *, poster_signal: bool = True) -> NightSpool:
         folder = self.staging_dir()
         folder.mkdir(parents=True, exist_ok=True)
         self._remove_abandoned_spools(folder)
-        return NightSpool(folder / f"{self.run_date}-{self.run_id}.parquet", schema)
+        return NightSpool(folder / f"{self.run_date}-{self.run_id}.parquet", schema, poster_signal=poster_signal)
 
     def _remove_abandoned_spools(self, folder: Path) -> None:
         """Spools of this night whose run is gone: a live run holds a lock on its spool (`hold_spool`)."""

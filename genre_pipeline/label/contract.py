@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import numpy as np
@@ -25,6 +25,7 @@ def labels_schema(genres: Sequence[str] = GENRES) -> pa.Schema:
             *[pa.field(name, pa.float32()) for name in score_columns(genres)],
             pa.field("genres", pa.list_(pa.string())),
             pa.field("top_genre", pa.string()),
+            pa.field("signals", pa.list_(pa.string())),  # what the scores came from; empty when not scored
             pa.field("status", pa.string(), nullable=False),
             pa.field("error", pa.string()),
             pa.field("model_version", pa.string(), nullable=False),
@@ -40,14 +41,28 @@ def _string_array(values: np.ndarray) -> pa.Array:
     return pa.array([v if isinstance(v, str) else None for v in values], pa.string())
 
 
+def predicted_genres(scores: np.ndarray, subsets: Sequence[str], thresholds: Callable[[str], np.ndarray],
+                     genres: Sequence[str]) -> list[list[str]]:
+    """Each row's genres at the thresholds tuned for the subset of signals that scored it."""
+    predicted: list[list[str]] = [[] for _ in range(len(scores))]
+    for subset in set(subsets):
+        rows = [i for i, name in enumerate(subsets) if name == subset]
+        for row, labels in zip(rows, labels_from_scores(scores[rows], thresholds(subset), genres), strict=True):
+            predicted[row] = labels
+    return predicted
+
+
 def to_label_table(
-    batch: dict[str, np.ndarray], *, genres: Sequence[str], thresholds: np.ndarray, model_version: str,
-    run_id: str, labelled_at: datetime,
+    batch: dict[str, np.ndarray], *, genres: Sequence[str], thresholds: Callable[[str], np.ndarray],
+    model_version: str, run_id: str, labelled_at: datetime,
 ) -> pa.Table:
-    """Scores (NaN for rows without a usable poster) -> the label rows of the contract."""
+    """Scores (NaN for rows that could not be scored) -> the label rows of the contract. `batch["signals"]` lists
+    each row's signals; `thresholds` gives the thresholds of a subset of them ("poster+title")."""
     scores = np.asarray(batch["scores"], dtype=np.float32).reshape(len(batch["movie_id"]), len(genres))
     ok = ~np.isnan(scores).any(axis=1)
-    predicted = labels_from_scores(np.nan_to_num(scores, nan=-1.0), thresholds, genres)
+    signals = [list(used) if keep else [] for used, keep in zip(batch["signals"], ok, strict=True)]
+    predicted = predicted_genres(np.nan_to_num(scores, nan=-1.0), ["+".join(s) for s in signals], thresholds,
+                                 genres)
     top = top_genres(np.nan_to_num(scores, nan=-1.0), genres) if len(scores) else []
     count = len(scores)
     columns = {
@@ -58,6 +73,7 @@ def to_label_table(
         "genres": pa.array([g if keep else None for g, keep in zip(predicted, ok, strict=True)],
                            pa.list_(pa.string())),
         "top_genre": pa.array([t if keep else None for t, keep in zip(top, ok, strict=True)], pa.string()),
+        "signals": pa.array(signals, pa.list_(pa.string())),
         "status": _string_array(batch["status"]),
         "error": _string_array(batch["error"]),
         "model_version": pa.array([model_version] * count, pa.string()),

@@ -24,9 +24,11 @@ from genre_pipeline.jobs_cli import run_date as iso_date  # its name is in argpa
 from genre_pipeline.label.actor import PosterLabeller
 from genre_pipeline.label.commit import NightSpool, NightStore
 from genre_pipeline.label.contract import labels_schema
-from genre_pipeline.model.checkpoints import PinnedModel, pin_model
+from genre_pipeline.model.checkpoints import ModelMeta, PinnedModel, pin_model
+from genre_pipeline.model.fusion import POSTER
 from genre_pipeline.model.predictor import PRECISIONS
 from genre_pipeline.runtime import TORCH_WORKER_ENV
+from genre_pipeline.signals.join import check_tables, join_signals
 from genre_pipeline.statuses import STATUS_OK
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,10 @@ IO_CPU_RESERVE = 1.0
 # CPU: small batches keep each layer's activations small at the same speed (docs/performance.md). A GPU needs
 # hundreds per pass to stay busy, bounded by its memory (`--batch-size` for the card).
 DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 256}
+
+
+# Catalogue rows per hash-join partition when embedding tables are joined (a few MB of vectors each).
+JOIN_PARTITION_ROWS = 20_000
 
 
 def today_utc() -> str:
@@ -105,11 +111,42 @@ class LabelConfig:
         "when more than this fraction of the rows with a poster_uri fail (fetch, decode, refusal, scoring), "
         "nothing is committed and the job exits 2: a systemic fault, not bad posters "
         f"(default {DEFAULT_MAX_FAILED_FRACTION:g})", type=fraction))
+    title_embeddings: str | None = field(default=None, metadata=flag(
+        "a fusion model's title embeddings (jobs/embed_titles.py version folder, in the model's space); default: "
+        "the table it was trained with"))
+    ratings_embeddings: str | None = field(default=None, metadata=flag(
+        "a fusion model's ratings embeddings (the version it was trained with); default: that table"))
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)  # the storage flags'
 
     @property
     def on_gpu(self) -> bool:
         return self.num_gpus_per_actor > 0
+
+    @property
+    def given_tables(self) -> dict[str, str]:
+        given = {"title": self.title_embeddings, "ratings": self.ratings_embeddings}
+        return {signal: uri for signal, uri in given.items() if uri}
+
+
+class SignalTablesError(JobInputError, ValueError):
+    """Embedding tables the model cannot use: not its signals, or vectors from another space."""
+
+
+def signal_tables(config: LabelConfig, meta: ModelMeta) -> dict[str, str]:
+    """The embedding table of each of the model's signals: the one given, or the one it was trained with."""
+    known = meta.fusion.get("embeddings", {})
+    unknown = sorted(set(config.given_tables) - set(known))
+    if unknown:
+        raise SignalTablesError(f"model {meta.model_version} does not use {', '.join(unknown)} embeddings "
+                                f"(its signals: {', '.join(meta.signals)}); drop --{unknown[0]}-embeddings")
+    tables = {signal: config.given_tables.get(signal, trained["uri"]) for signal, trained in known.items()}
+    for signal, embedding in check_tables(tables, config.storage_options).items():
+        if embedding.space_id != known[signal]["space"]:
+            raise SignalTablesError(
+                f"{tables[signal]}: {signal} vectors of space {embedding.space_id}, but model {meta.model_version} "
+                f"was trained on space {known[signal]['space']}: retrain the fusion model on this table, or give "
+                "the table it was trained with")
+    return tables
 
 
 @dataclass(frozen=True)
@@ -215,6 +252,8 @@ def check_storage(config: LabelConfig) -> None:
     options = config.storage_options
     storage.check_readable(config.model, options)
     storage.check_readable(config.catalog, options)
+    for uri in config.given_tables.values():
+        storage.check_readable(uri, options)
     storage.check_writable(config.output, options)
 
 
@@ -250,16 +289,22 @@ def read_catalog(path: str, filesystem: pyarrow.fs.FileSystem) -> ray.data.Datas
         context.use_datasource_v2 = default_reader
 
 
-def catalog_blocks(uri: str, options: storage.StorageOptions) -> ray.data.Dataset:
-    """The catalogue's label-job columns in blocks of exactly DECODE_BATCH_ROWS rows (the last one: the rest)."""
+def catalog_blocks(uri: str, options: storage.StorageOptions, tables: dict[str, str] | None = None,
+                   rows: int | None = None) -> ray.data.Dataset:
+    """The catalogue's label-job columns (with the embedding `tables` joined) in blocks of exactly
+    DECODE_BATCH_ROWS rows (the last one: the rest)."""
     fs, path = storage.arrow_filesystem(uri, options)
-    return (
-        read_catalog(path, fs)
-        .select_columns(CATALOG_COLUMNS)  # projection is pushed down into the Parquet read
-        # Small blocks, streamed: a catalogue that is one Parquet file must still feed every actor of the pool.
-        # Exact sizes: a short block would be bundled with the next into one call of twice the work.
-        .repartition(target_num_rows_per_block=DECODE_BATCH_ROWS, strict=True)
-    )
+    catalog = read_catalog(path, fs).select_columns(CATALOG_COLUMNS)  # projection is pushed into the read
+    if tables:
+        catalog = join_signals(catalog, tables, options, partitions=join_partitions(rows))
+    # Small blocks, streamed: a catalogue that is one Parquet file must still feed every actor of the pool.
+    # Exact sizes: a short block would be bundled with the next into one call of twice the work.
+    return catalog.repartition(target_num_rows_per_block=DECODE_BATCH_ROWS, strict=True)
+
+
+def join_partitions(rows: int | None) -> int:
+    """Hash-join partitions: about JOIN_PARTITION_ROWS catalogue rows each."""
+    return max(1, math.ceil((rows or 0) / JOIN_PARTITION_ROWS))
 
 
 def poster_policy(config: LabelConfig) -> PosterPolicy:
@@ -275,19 +320,21 @@ def catalog_folder(uri: str, options: storage.StorageOptions) -> str:
 
 
 def build_label_dataset(
-    config: LabelConfig, model: PinnedModel, resources: ActorResources, *, run_id: str, labelled_at: datetime
+    config: LabelConfig, model: PinnedModel, resources: ActorResources, *, run_id: str, labelled_at: datetime,
+    tables: dict[str, str] | None = None, rows: int | None = None,
 ) -> ray.data.Dataset:
     """read -> [fetch (I/O tasks) -> decode (CPU tasks), on GPUs] -> PosterLabeller pool; lazy, streaming."""
     with warnings.catch_warnings():
         # Ray 2.60 bounds retries and actor restarts only through `ray_remote_args`, which it marks deprecated
         # without offering named parameters for them yet.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        posters = prepare_posters(config, model)
+        posters = prepare_posters(config, model, tables or {}, rows)
         return score_posters(posters, config, model, resources, run_id=run_id, labelled_at=labelled_at)
 
 
-def prepare_posters(config: LabelConfig, model: PinnedModel) -> ray.data.Dataset:
-    posters = catalog_blocks(config.catalog, config.storage_options)
+def prepare_posters(config: LabelConfig, model: PinnedModel, tables: dict[str, str],
+                    rows: int | None) -> ray.data.Dataset:
+    posters = catalog_blocks(config.catalog, config.storage_options, tables, rows)
     if not config.on_gpu:  # CPU actors fetch and decode their own blocks
         return posters
     # The GPU actors' own CPU could not decode fast enough: decoding scales out in tasks.
@@ -346,13 +393,15 @@ def label_catalog(config: LabelConfig) -> LabelSummary:
     check_storage(config)
     model = pin_model(config.model, config.storage_options)  # fails before any work when unusable or tampered
     failpoints.reached("model.pinned")
+    tables = signal_tables(config, model.meta)
     expected_rows = count_catalog_rows(config.catalog, config.storage_options)
     resources = resolve_actor_resources(config, expected_rows)  # a pool that could never run fails before any work
     run_id = f"{config.run_date}-{uuid.uuid4().hex[:8]}"
     store = NightStore(config.output, config.run_date, run_id, config.storage_options)
     seen = store.current_version()  # the commit happens only if the night is still this version
-    labels = build_label_dataset(config, model, resources, run_id=run_id, labelled_at=datetime.now(timezone.utc))
-    spool = store.open_spool(labels_schema(model.meta.genres))
+    labels = build_label_dataset(config, model, resources, run_id=run_id, labelled_at=datetime.now(timezone.utc),
+                                 tables=tables, rows=expected_rows)
+    spool = store.open_spool(labels_schema(model.meta.genres), poster_signal=POSTER in model.meta.signals)
     with store.hold_spool(spool):
         for block in labels.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             spool.write(block)

@@ -1,6 +1,7 @@
 """The documented warehouse queries over the labels, run with DuckDB (tests, the demo, `jobs/query_labels.py`).
 
-The same SQL runs on Athena/Trino/Hive over the external table in the README; `{labels}` is the
+Nights written before a column existed (e.g. `signals`) read it as NULL (`union_by_name`). The same SQL runs on
+Athena/Trino/Hive over the external table in the README; `{labels}` is the
 Hive-partitioned labels root (`<root>/run_date=YYYY-MM-DD/*.parquet`).
 """
 
@@ -13,13 +14,14 @@ from genre_pipeline.data import storage
 
 LABELS_VIEW = """
 CREATE OR REPLACE VIEW labels AS
-SELECT * FROM read_parquet('{glob}', hive_partitioning = true, hive_types = {{'run_date': DATE}})
+SELECT * FROM read_parquet('{glob}', hive_partitioning = true, hive_types = {{'run_date': DATE}},
+                           union_by_name = true)
 """
 
 QUERIES = {
     # The newest label of every movie, whichever night last labelled it.
     "latest": """
-        SELECT movie_id, title, genres, top_genre, status, run_date, model_version
+        SELECT movie_id, title, genres, top_genre, signals, status, run_date, model_version
         FROM labels
         QUALIFY row_number() OVER (PARTITION BY movie_id ORDER BY run_date DESC) = 1
         ORDER BY movie_id""",
@@ -28,6 +30,11 @@ QUERIES = {
         SELECT genre, count(*) AS movies
         FROM (SELECT unnest(genres) AS genre FROM labels WHERE run_date = (SELECT max(run_date) FROM labels))
         GROUP BY genre ORDER BY movies DESC, genre""",
+    # What the newest night's labels were made from: movies per set of signals and status.
+    "signals": """
+        SELECT array_to_string(signals, '+') AS signals, status, count(*) AS movies
+        FROM labels WHERE run_date = (SELECT max(run_date) FROM labels)
+        GROUP BY ALL ORDER BY movies DESC, signals, status""",
     # Movies whose predicted genres differ between the two newest nights.
     "changed": """
         WITH nights AS (SELECT DISTINCT run_date FROM labels ORDER BY run_date DESC LIMIT 2),

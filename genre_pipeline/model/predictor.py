@@ -8,6 +8,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,9 +18,11 @@ from genre_pipeline import telemetry
 from genre_pipeline.data import storage
 from genre_pipeline.data.tensors import to_model_input
 from genre_pipeline.model.backbones import LITE_VARIANTS, fold_lite_batch_norms
-from genre_pipeline.model.checkpoints import load_checkpoint
+from genre_pipeline.model.checkpoints import ModelMeta, load_checkpoint
+from genre_pipeline.model.fusion import POSTER
 from genre_pipeline.runtime import KEEP_FREED_BYTES
-from genre_pipeline.statuses import STATUS_OK
+from genre_pipeline.signals.join import embedding_column, signal_matrix
+from genre_pipeline.statuses import STATUS_NO_SIGNALS, STATUS_OK, STATUS_PARTIAL
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,64 @@ def fold_batch_norms(model: torch.nn.Module, arch: str) -> torch.nn.Module:
         return model
 
 
+def chunks(rows: np.ndarray, size: int | None) -> list[np.ndarray]:
+    step = size or max(1, len(rows))
+    return [rows[start:start + step] for start in range(0, len(rows), step)]
+
+
+def signal_lists(rows: list[list[str]]) -> np.ndarray:
+    array = np.empty(len(rows), dtype=object)
+    array[:] = rows
+    return array
+
+
+@dataclass(frozen=True)
+class FusedInputs:
+    """A batch's signals for a fusion model: `mask` (rows, signals in the model's order), the embeddings."""
+
+    signals: list[str]
+    mask: np.ndarray
+    embeddings: dict[str, np.ndarray]
+
+    def used(self) -> list[list[str]]:
+        return [[s for s, present in zip(self.signals, row, strict=True) if present] for row in self.mask > 0]
+
+
+def fused_inputs(batch: dict[str, np.ndarray], meta: ModelMeta) -> FusedInputs:
+    count = len(batch["status"])
+    present, embeddings = {}, {}
+    for signal in meta.signals:
+        if signal == POSTER:
+            present[signal] = batch["status"] == STATUS_OK
+        else:
+            embeddings[signal], present[signal] = signal_matrix(batch.get(embedding_column(signal)), count,
+                                                                int(meta.fusion["dims"][signal]))
+    mask = np.stack([present[s] for s in meta.signals], axis=1).astype(np.float32)
+    return FusedInputs(list(meta.signals), mask, embeddings)
+
+
+def fused_status(batch: dict[str, np.ndarray], inputs: FusedInputs) -> tuple[np.ndarray, np.ndarray]:
+    """`ok` with every signal; `partial_signals` with some, the error naming what was missing; with none, the
+    poster's status, its error saying the other signals were missing too."""
+    status, error = batch["status"].copy(), batch["error"].copy()
+    for row, used in enumerate(inputs.used()):
+        missing = [missing_reason(signal, status[row], error[row]) for signal in inputs.signals if signal not in used]
+        if not missing:
+            continue
+        if used:
+            status[row] = STATUS_PARTIAL
+        elif status[row] == STATUS_OK:  # a model without the poster signal, and no embedding for this movie
+            status[row] = STATUS_NO_SIGNALS
+        error[row] = "; ".join(missing)
+    return status, error
+
+
+def missing_reason(signal: str, poster_status: str, poster_error: str | None) -> str:
+    if signal == POSTER:
+        return f"poster {poster_status}" + (f": {poster_error}" if isinstance(poster_error, str) else "")
+    return f"no {signal} embedding"
+
+
 def is_run(rows: np.ndarray) -> bool:
     """Consecutive row numbers: a slice of the images is a view, not a copy."""
     return len(rows) > 0 and rows[-1] - rows[0] == len(rows) - 1
@@ -136,15 +197,47 @@ class GenrePredictor:
         return torch.sigmoid(logits.float()).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray], *, forward_batch: int | None = None) -> dict[str, np.ndarray]:
-        """Scores the `ok` rows, `forward_batch` images per forward pass (default: all at once)."""
+        """Scores the rows it can, `forward_batch` rows per forward pass (default: all at once); adds `scores`
+        (NaN where not scored) and `signals` (what scored each row)."""
+        if self.meta.is_fusion:
+            return self.score_fused(batch, forward_batch)
         images = batch.pop("image")
         ok = np.flatnonzero(batch["status"] == STATUS_OK)
         scores = np.full((len(images), len(self.meta.genres)), np.nan, dtype=np.float32)
-        step = forward_batch or max(1, len(ok))
-        for start in range(0, len(ok), step):
-            rows = ok[start:start + step]
+        for rows in chunks(ok, forward_batch):
             started = time.perf_counter()
             scores[rows] = self.predict(images[rows[0]:rows[-1] + 1] if is_run(rows) else images[rows])
             telemetry.observe_predict_batch(time.perf_counter() - started, self.device.type)
         batch["scores"] = scores
+        batch["signals"] = signal_lists([[POSTER] if row_ok else [] for row_ok in batch["status"] == STATUS_OK])
         return batch
+
+    def score_fused(self, batch: dict[str, np.ndarray], forward_batch: int | None) -> dict[str, np.ndarray]:
+        """A fusion model: each row scored with the signals it has (a poster that decoded, a row in each
+        embedding table); rows with none keep their poster status."""
+        images = batch.pop("image", None)
+        inputs = fused_inputs(batch, self.meta)
+        count = len(batch["status"])
+        scores = np.full((count, len(self.meta.genres)), np.nan, dtype=np.float32)
+        for rows in chunks(np.flatnonzero(inputs.mask.any(axis=1)), forward_batch):
+            started = time.perf_counter()
+            scores[rows] = self.predict_fused(None if images is None else images[rows], inputs, rows)
+            telemetry.observe_predict_batch(time.perf_counter() - started, self.device.type)
+        batch["scores"] = scores
+        batch["signals"] = signal_lists(inputs.used())
+        batch["status"], batch["error"] = fused_status(batch, inputs)
+        return batch
+
+    @torch.inference_mode()
+    def predict_fused(self, images: np.ndarray | None, inputs: FusedInputs, rows: np.ndarray) -> np.ndarray:
+        self._use_threads()
+        mask = torch.from_numpy(inputs.mask[rows]).to(self.device)
+        embeddings = {s: torch.from_numpy(e[rows]).to(self.device) for s, e in inputs.embeddings.items()}
+        model_input = None
+        if images is not None and POSTER in self.meta.signals:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                model_input = to_model_input(torch.from_numpy(images).to(self.device), self.spec)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.model(model_input, embeddings, mask)
+        return torch.sigmoid(logits.float()).cpu().numpy()
