@@ -69,18 +69,17 @@ def missing_as_nan(table: pa.Table, *, columns: list[str]) -> pa.Table:
 
 
 def signal_matrix(column: np.ndarray | None, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """A joined embedding column (Ray Data hands a 2-D array, or an object array with None for missing rows)
-    -> (rows x dim float32 with zeros where missing, present: bool per row)."""
-    matrix = np.zeros((rows, dim), dtype=np.float32)
-    present = np.zeros(rows, dtype=bool)
+    """A joined embedding column (Ray Data hands a 2-D array or an object array of vectors; a missing movie's is NaN
+    or None) -> (rows x dim float32 with zeros where missing, present: bool per row)."""
+    matrix = np.full((rows, dim), np.nan, dtype=np.float32)
     if column is None:
-        return matrix, present
+        return np.zeros((rows, dim), np.float32), np.zeros(rows, dtype=bool)
     if column.dtype != object:
         matrix[:] = np.asarray(column, dtype=np.float32).reshape(rows, dim)
-        present[:] = ~np.isnan(matrix).any(axis=1)
-    else:
+    else:  # arrays, NaN arrays (no row in the table) and None, depending on how the block was built
         for row, vector in enumerate(column):
             if vector is not None:
-                matrix[row], present[row] = np.asarray(vector, dtype=np.float32), True
+                matrix[row] = np.asarray(vector, dtype=np.float32)
+    present = ~np.isnan(matrix).any(axis=1)
     matrix[~present] = 0.0
     return matrix, present
