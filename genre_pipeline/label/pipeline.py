@@ -10,13 +10,12 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import pyarrow.fs
 import pyarrow.parquet as pq
 import ray
 
 from genre_pipeline import failpoints
 from genre_pipeline.data import storage
-from genre_pipeline.data.catalog import CatalogError, check_movie_ids, validate_schema
+from genre_pipeline.data.catalog import CatalogError, catalog_dataset, check_movie_ids, validate_schema
 from genre_pipeline.data.posters import DEFAULT_MAX_POSTER_BYTES, PosterPolicy, decode_posters, fetch_posters
 from genre_pipeline.errors import JobInputError
 from genre_pipeline.jobs_cli import flag, fraction, non_negative_float, positive_float, positive_int
@@ -271,30 +270,13 @@ def count_catalog_rows(uri: str, options: storage.StorageOptions) -> int:
     return len(ids)
 
 
-def read_catalog(path: str, filesystem: pyarrow.fs.FileSystem) -> ray.data.Dataset:
-    """The catalogue through Ray Data's first Parquet reader.
-
-    Ray 2.60's default reader (DataSource V2) lists a read by opening every file's footer on a pool of 32
-    actors, a worker process each, even for a one-file catalogue: on a 2-CPU node its listing task ran 4 s
-    of the 7 s the job took for 8 posters and delayed the label actors' start (without it: 4.7 to 5 s). The
-    first reader reads footers in the calling process (in tasks for many files) and reads the same rows; the
-    flag is read only when the read is planned.
-    """
-    context = ray.data.DataContext.get_current()
-    default_reader = context.use_datasource_v2
-    context.use_datasource_v2 = False
-    try:
-        return ray.data.read_parquet(path, filesystem=filesystem, num_cpus=IO_TASK_CPUS)
-    finally:
-        context.use_datasource_v2 = default_reader
-
-
 def catalog_blocks(uri: str, options: storage.StorageOptions, tables: dict[str, str] | None = None,
                    rows: int | None = None) -> ray.data.Dataset:
     """The catalogue's label-job columns (with the embedding `tables` joined) in blocks of exactly
     DECODE_BATCH_ROWS rows (the last one: the rest)."""
     fs, path = storage.arrow_filesystem(uri, options)
-    catalog = read_catalog(path, fs).select_columns(CATALOG_COLUMNS)  # projection is pushed into the read
+    # The projection is pushed down into the Parquet read.
+    catalog = catalog_dataset(path, fs, num_cpus=IO_TASK_CPUS).select_columns(CATALOG_COLUMNS)
     if tables:
         catalog = join_signals(catalog, tables, options, partitions=join_partitions(rows))
     # Small blocks, streamed: a catalogue that is one Parquet file must still feed every actor of the pool.

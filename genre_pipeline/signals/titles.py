@@ -28,10 +28,15 @@ import pyarrow.parquet as pq
 import ray
 
 from genre_pipeline.data import storage
-from genre_pipeline.data.catalog import CatalogError, check_movie_ids, parse_title_year, validate_schema
+from genre_pipeline.data.catalog import (
+    CatalogError,
+    catalog_dataset,
+    check_movie_ids,
+    parse_title_year,
+    validate_schema,
+)
 from genre_pipeline.errors import ConfigError, JobInputError
 from genre_pipeline.jobs_cli import flag, positive_int
-from genre_pipeline.label.pipeline import read_catalog
 from genre_pipeline.runtime import TORCH_WORKER_ENV
 from genre_pipeline.signals.embeddings import EmbeddingMeta, write_embeddings
 
@@ -266,7 +271,7 @@ def check_inputs(config: TitleEmbeddingConfig) -> int:
 def title_dataset(config: TitleEmbeddingConfig, size: ActorSize) -> ray.data.Dataset:
     fs, path = storage.arrow_filesystem(config.catalog, config.storage_options)
     return (
-        read_catalog(path, fs)
+        catalog_dataset(path, fs)
         .select_columns(CATALOG_COLUMNS)
         .repartition(target_num_rows_per_block=BLOCK_ROWS)  # a one-file catalogue still feeds every actor
         .map_batches(
