@@ -74,7 +74,7 @@ class FusionJobConfig:
         "poster width in pixels (height 1.5 x width); default: the backbone's", type=positive_int))
     hidden: int = field(default=256, metadata=flag("width of the fused representation", type=positive_int))
     dropout: float = field(default=0.3, metadata=flag("dropout in the encoders and classifier", type=fraction))
-    signal_dropout: float = field(default=0.3, metadata=flag(
+    signal_dropout: float = field(default=0.5, metadata=flag(
         "chance each present signal is hidden from a training row (modality dropout)", type=fraction))
     epochs: int = field(default=200, metadata=flag("epochs over the cached signals", type=positive_int))
     patience: int = field(default=30, metadata=flag(

@@ -57,7 +57,7 @@ class FusionLoopConfig:
     embeddings: dict[str, dict]  # per embedding signal: its table's uri, version and space
     hidden: int = 256
     dropout: float = 0.3
-    signal_dropout: float = 0.3  # chance each present signal is hidden from a training row
+    signal_dropout: float = 0.5  # chance each present signal is hidden from a training row
     epochs: int = 200
     patience: int = 30
     lr: float = 1e-3
