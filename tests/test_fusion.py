@@ -4,6 +4,7 @@ movie with the signals it has, and the evaluation report shows the per-subset ta
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 from conftest import load_job
 
-from genre_pipeline.data.catalog import read_catalog, write_catalog
+from genre_pipeline.data.catalog import is_validation, read_catalog, write_catalog
 from genre_pipeline.data.sample import build_sample_catalog
 from genre_pipeline.genres import GENRES, encode_many
 from genre_pipeline.label.commit import LABELS_FILE
@@ -191,3 +192,14 @@ def test_evaluate_reports_the_per_subset_table(fusion_model, world, tmp_path):
     assert "- signals: poster, title, ratings" in report
     for name in ("| poster+title |", "| title+ratings |", "| poster+title+ratings |", "| frequency prior |"):
         assert name in report, name
+    groups = json.loads((tmp_path / "eval" / "report.json").read_text())["by_signals"]
+    rows = label(world, fusion_model, tmp_path / "again")
+    catalog = read_catalog(world["catalog"]).to_pylist()
+    validation = {m["movie_id"] for m in catalog if is_validation(m["movie_id"], 0.25) and m["split"] == "train"}
+    expected: dict[str, int] = {}
+    for movie_id in validation:
+        if rows[movie_id]["signals"] and rows[movie_id]["genres"] is not None:
+            name = "+".join(rows[movie_id]["signals"])
+            expected[name] = expected.get(name, 0) + 1
+    assert {name: group["rows"] for name, group in groups.items()} == expected
+    assert "## By the signals that scored each movie" in report

@@ -31,13 +31,14 @@ from genre_pipeline.evaluate.metrics import (
     frequency_prior,
     metrics_line,
     prior_scores,
+    summary_metrics,
 )
 from genre_pipeline.evaluate.tables import render_per_genre_table, render_summary_table, subset_lines
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, UnknownGenreError, column_name, encode_many
 from genre_pipeline.jobs_cli import flag
 from genre_pipeline.label.contract import PARTITION_KEY
 from genre_pipeline.model.checkpoints import CheckpointError, read_meta
-from genre_pipeline.statuses import STATUS_OK
+from genre_pipeline.statuses import STATUS_OK, STATUS_PARTIAL
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ ALL_SPLITS = "all"
 TRAIN_SPLIT = "train"  # the prior's genre shares come from these catalogue rows
 VALIDATION_SPLIT = "validation"
 LABEL_COLUMNS = ("movie_id", "genres", "status")  # plus at least one score_<genre> column
+OPTIONAL_LABEL_COLUMNS = ("signals",)  # absent in nights written before it existed
 PARTITION_DIR = re.compile(rf"^{PARTITION_KEY}=(\d{{4}}-\d{{2}}-\d{{2}})$")
 TRUE_GENRES, PREDICTED = "true_genres", "predicted_genres"
 
@@ -87,6 +89,7 @@ class EvalRows:
     scores: np.ndarray
     predicted: np.ndarray
     excluded: dict  # {"no_label_row": n, "status": {status: n}, "no_true_genres": n}
+    signals: list[str] = field(default_factory=list)  # per row, what scored it ("poster+title")
 
 
 def mark_validation_rows(catalog: pa.Table, val_fraction: float) -> pa.Table:
@@ -134,7 +137,8 @@ def read_labels(partition: str, options: storage.StorageOptions) -> tuple[pa.Tab
             missing = missing or ["score_<genre> (none of them)"]
             raise EvaluationInputError(f"{fragment.path}: labels file missing required column(s) {missing}")
     genres = label_genres(dataset.schema)
-    table = dataset.to_table(columns=[*LABEL_COLUMNS, "model_version", *(column_name(g) for g in genres)])
+    optional = [name for name in OPTIONAL_LABEL_COLUMNS if name in dataset.schema.names]
+    table = dataset.to_table(columns=[*LABEL_COLUMNS, "model_version", *optional, *(column_name(g) for g in genres)])
     ids = table.column("movie_id")
     if len(pc.unique(ids)) != len(ids):
         raise EvaluationInputError(f"{partition}: column 'movie_id' has duplicates; one row per movie expected")
@@ -182,8 +186,10 @@ def join_labels(rows: pa.Table, labels: pa.Table) -> pa.Table:
 
 
 def scorable_rows(joined: pa.Table) -> tuple[pa.Table, dict[str, int], int]:
-    """Rows with status ok and at least one true genre; the others counted by status, and without truth."""
-    ok = pc.fill_null(pc.equal(joined.column("status"), STATUS_OK), False)  # a null status is not ok either
+    """Scored rows (status ok, or a fusion model's partial_signals) with at least one true genre; the others
+    counted by status, and without truth."""
+    scored_statuses = pa.array([STATUS_OK, STATUS_PARTIAL])
+    ok = pc.fill_null(pc.is_in(joined.column("status"), value_set=scored_statuses), False)  # null: not scored
     not_ok = joined.filter(pc.invert(ok)).column("status").to_pylist()
     by_status = {str(status): not_ok.count(status) for status in sorted(set(not_ok), key=str)}
     scored = joined.filter(ok)
@@ -213,7 +219,25 @@ def eval_rows(split_rows: pa.Table, labels: pa.Table, genres: list[str], source:
     except UnknownGenreError as error:
         raise EvaluationInputError(f"{source}: column 'genres': {error}") from None
     y_true = encode_many(rows.column(TRUE_GENRES).to_pylist(), genres)
-    return EvalRows(y_true=y_true, scores=score_matrix(rows, genres, source), predicted=predicted, excluded=excluded)
+    return EvalRows(y_true=y_true, scores=score_matrix(rows, genres, source), predicted=predicted, excluded=excluded,
+                    signals=row_signals(rows))
+
+
+def row_signals(rows: pa.Table) -> list[str]:
+    """What scored each row; labels written before the `signals` column came from posters alone."""
+    if "signals" not in rows.column_names:
+        return ["poster"] * rows.num_rows
+    return ["+".join(used) if used else "poster" for used in rows.column("signals").to_pylist()]
+
+
+def metrics_by_signals(rows: EvalRows) -> dict[str, dict]:
+    """The summary metrics of each group of rows scored with the same signals (different movies per group)."""
+    groups: dict[str, dict] = {}
+    for name in sorted(set(rows.signals), key=lambda n: (n.count("+"), n)):
+        keep = np.array([s == name for s in rows.signals])
+        groups[name] = {"rows": int(keep.sum()), **summary_metrics(rows.y_true[keep], rows.scores[keep],
+                                                                  rows.predicted[keep])}
+    return groups
 
 
 def train_truth(catalog: pa.Table, genres: list[str]) -> np.ndarray:
@@ -320,7 +344,18 @@ def render_markdown(report: dict, model: MetricsReport, prior: dict | None) -> s
         "",
         f"Mean AP over the genres with positives: {model.mean_average_precision:.4f}.",
         "",
+        *signal_group_lines(report["by_signals"]),
     ])
+
+
+def signal_group_lines(groups: dict[str, dict]) -> list[str]:
+    """The model's rows by the signals that scored them, when more than posters did."""
+    if set(groups) <= {"poster"}:
+        return []
+    rows = {f"{name} ({values['rows']} movies)": values for name, values in groups.items()}
+    return ["## By the signals that scored each movie", "", render_summary_table(rows), "",
+            "Each row is the movies scored with those signals (a different set of movies per row; the model card "
+            "compares subsets on the same movies).", ""]
 
 
 def figures(train_y: np.ndarray, rows: EvalRows, model: MetricsReport, split: str,
@@ -366,6 +401,7 @@ def evaluate(config: EvaluateConfig) -> tuple[str, dict[str, bytes]]:
         "genres": genres,
         "rows": {"in_split": split_rows.num_rows, "evaluated": len(rows.y_true), "excluded": rows.excluded},
         "model": {**model.to_dict(), **({"card": card} if card else {})},
+        "by_signals": metrics_by_signals(rows),
         "frequency_prior": {**prior, "metrics": prior["metrics"].to_dict()} if prior else None,
     }
     out = config.out or storage.join("evaluation", f"{PARTITION_KEY}={run_date}", f"split={config.split}")
