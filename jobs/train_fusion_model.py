@@ -34,8 +34,8 @@ from genre_pipeline.jobs_cli import (  # noqa: E402
     storage_options_from,
 )
 from genre_pipeline.runtime import FailureMetric, run_job  # noqa: E402
-from genre_pipeline.telemetry import TRAIN_JOB, LabelledGauge, push_job_outcome  # noqa: E402
-from genre_pipeline.train.driver import TrainSummary  # noqa: E402
+from genre_pipeline.telemetry import TRAIN_JOB, push_job_outcome  # noqa: E402
+from genre_pipeline.train.driver import TrainSummary, train_outcome  # noqa: E402
 from genre_pipeline.train.fusion_driver import FusionJobConfig, run_fusion_training  # noqa: E402
 
 logger = logging.getLogger("train_fusion_model")
@@ -65,14 +65,7 @@ def check_storage(config: FusionJobConfig) -> None:
 
 
 def push_metrics(gateway: str | None, config: FusionJobConfig, summary: TrainSummary, seconds: float) -> None:
-    meta = summary.meta
-    gauges = {f"train_{name}": (value, f"Validation {name.removeprefix('val_')} of the published model")
-              for name, value in meta.metrics.items()}
-    gauges["train_duration_seconds"] = (seconds, "Wall time of the training job")
-    gauges["train_last_success_timestamp_seconds"] = (time.time(), "Unix time the training job succeeded")
-    push_job_outcome(gateway, job=TRAIN_JOB, run=config.name, gauges=gauges, labelled={
-        "model_info": LabelledGauge("The model the run published (always 1)", "model_version",
-                                    {meta.model_version: 1.0})})
+    push_job_outcome(gateway, job=TRAIN_JOB, run=config.name, **train_outcome(summary, seconds))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,8 +34,8 @@ from genre_pipeline.jobs_cli import (  # noqa: E402
     storage_options_from,
 )
 from genre_pipeline.runtime import FailureMetric, run_job  # noqa: E402
-from genre_pipeline.telemetry import TRAIN_JOB, LabelledGauge, push_job_outcome  # noqa: E402
-from genre_pipeline.train.driver import TrainJobConfig, TrainSummary, run_training  # noqa: E402
+from genre_pipeline.telemetry import TRAIN_JOB, push_job_outcome  # noqa: E402
+from genre_pipeline.train.driver import TrainJobConfig, TrainSummary, run_training, train_outcome  # noqa: E402
 
 logger = logging.getLogger("train_genre_model")
 
@@ -67,18 +67,7 @@ def check_storage(config: TrainJobConfig) -> None:
 
 def push_metrics(gateway: str | None, config: TrainJobConfig, summary: TrainSummary, seconds: float) -> None:
     """The published model's validation metrics, grouped by {job, run=run name}: a resumed run replaces them."""
-    meta = summary.meta
-    gauges = {f"train_{name}": (value, f"Validation {name.removeprefix('val_')} of the published (best) epoch")
-              for name, value in meta.metrics.items()}
-    gauges.update({
-        "train_best_epoch": (meta.epoch, "Epoch of the published checkpoint"),
-        "train_epochs": (summary.epochs_run, "Epochs the run has completed (resumed runs count on)"),
-        "train_duration_seconds": (seconds, "Wall time of the training job"),
-        "train_last_success_timestamp_seconds": (time.time(), "Unix time the training job succeeded"),
-    })
-    push_job_outcome(gateway, job=TRAIN_JOB, run=config.name, gauges=gauges, labelled={
-        "model_info": LabelledGauge("The model the run published (always 1)", "model_version",
-                                    {meta.model_version: 1.0})})
+    push_job_outcome(gateway, job=TRAIN_JOB, run=config.name, **train_outcome(summary, seconds))
 
 
 def main(argv: list[str] | None = None) -> int:

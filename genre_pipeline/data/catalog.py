@@ -194,6 +194,22 @@ def check_movie_ids(ids: pa.ChunkedArray, *, source: str) -> None:
         raise CatalogError(f"{source}: column 'movie_id' value {value} is duplicated (rows {rows[:5]})")
 
 
+def count_catalog_rows(uri: str, options: storage.StorageOptions = storage.StorageOptions(),
+                       required: Sequence[str] = REQUIRED_COLUMNS) -> int:
+    """Fail fast on a malformed catalogue (the `required` columns, unique movie_ids), reading only the id column;
+    its rows."""
+    fs, path = storage.arrow_filesystem(uri, options)
+    try:
+        dataset = pq.ParquetDataset(path, filesystem=fs)
+        schema = dataset.schema
+    except (OSError, ValueError) as error:
+        raise CatalogError(f"{uri}: cannot read the catalogue: {error}") from None
+    validate_schema(schema, source=uri, required=required)
+    ids = dataset.read(columns=["movie_id"]).column("movie_id")
+    check_movie_ids(ids, source=uri)
+    return len(ids)
+
+
 def write_catalog(table: pa.Table, uri: str, options: storage.StorageOptions = storage.StorageOptions()) -> None:
     validate_catalog(table, source=uri)
     fs, path = storage.arrow_filesystem(uri, options)

@@ -10,12 +10,11 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import pyarrow.parquet as pq
 import ray
 
 from genre_pipeline import failpoints
 from genre_pipeline.data import storage
-from genre_pipeline.data.catalog import CatalogError, catalog_dataset, check_movie_ids, validate_schema
+from genre_pipeline.data.catalog import catalog_dataset, count_catalog_rows
 from genre_pipeline.data.posters import DEFAULT_MAX_POSTER_BYTES, PosterPolicy, decode_posters, fetch_posters
 from genre_pipeline.errors import JobInputError
 from genre_pipeline.jobs_cli import flag, fraction, non_negative_float, positive_float, positive_int
@@ -254,20 +253,6 @@ def check_storage(config: LabelConfig) -> None:
     for uri in config.given_tables.values():
         storage.check_readable(uri, options)
     storage.check_writable(config.output, options)
-
-
-def count_catalog_rows(uri: str, options: storage.StorageOptions) -> int:
-    """Fail fast on a malformed catalogue: schema and unique movie_ids, reading only the id column."""
-    fs, path = storage.arrow_filesystem(uri, options)
-    try:
-        dataset = pq.ParquetDataset(path, filesystem=fs)
-        schema = dataset.schema
-    except (OSError, ValueError) as error:
-        raise CatalogError(f"{uri}: cannot read the catalogue: {error}") from None
-    validate_schema(schema, source=uri)
-    ids = dataset.read(columns=["movie_id"]).column("movie_id")
-    check_movie_ids(ids, source=uri)
-    return len(ids)
 
 
 def catalog_blocks(uri: str, options: storage.StorageOptions, tables: dict[str, str] | None = None,

@@ -24,17 +24,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from genre_pipeline.data import storage
-from genre_pipeline.data.catalog import (
-    CatalogError,
-    catalog_dataset,
-    check_movie_ids,
-    parse_title_year,
-    validate_schema,
-)
+from genre_pipeline.data.catalog import catalog_dataset, count_catalog_rows, parse_title_year
 from genre_pipeline.errors import ConfigError, JobInputError
 from genre_pipeline.jobs_cli import flag, positive_int
 from genre_pipeline.runtime import TORCH_WORKER_ENV
@@ -246,26 +239,12 @@ def node_cpus() -> list[float]:
     return [node["Resources"]["CPU"] for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU")]
 
 
-def check_catalog(uri: str, options: storage.StorageOptions) -> int:
-    """Fail fast on a catalogue without movie_id/title or with bad ids, reading only the id column; its rows."""
-    fs, path = storage.arrow_filesystem(uri, options)
-    try:
-        dataset = pq.ParquetDataset(path, filesystem=fs)
-        schema = dataset.schema
-    except (OSError, ValueError) as error:
-        raise CatalogError(f"{uri}: cannot read the catalogue: {error}") from None
-    validate_schema(schema, source=uri, required=CATALOG_COLUMNS)
-    ids = dataset.read(columns=["movie_id"]).column("movie_id")
-    check_movie_ids(ids, source=uri)
-    return len(ids)
-
-
 def check_inputs(config: TitleEmbeddingConfig) -> int:
     """Before any work: the model, the catalogue and the output root are usable; the catalogue's rows."""
     resolve_model_dir(config.model_dir)
     storage.check_readable(config.catalog, config.storage_options)
     storage.check_writable(config.out, config.storage_options)
-    return check_catalog(config.catalog, config.storage_options)
+    return count_catalog_rows(config.catalog, config.storage_options, required=CATALOG_COLUMNS)
 
 
 def title_dataset(config: TitleEmbeddingConfig, size: ActorSize) -> ray.data.Dataset:

@@ -21,6 +21,7 @@ from genre_pipeline.jobs_cli import flag
 from genre_pipeline.model.architectures import ARCHS, PRETRAINED_ARCHS, default_preprocess, weights_source
 from genre_pipeline.model.checkpoints import META_FILE, ModelMeta, publish_checkpoint
 from genre_pipeline.runtime import TORCH_WORKER_ENV
+from genre_pipeline.telemetry import LabelledGauge
 from genre_pipeline.train.data import (
     fingerprint,
     load_training_rows,
@@ -316,3 +317,19 @@ def run_training(config: TrainJobConfig) -> TrainSummary:
     trainer, loop = build_trainer(config)
     result = trainer.fit()
     return publish_best(result, config, loop.monitor)
+
+
+def train_outcome(summary: TrainSummary, seconds: float) -> dict:
+    """What a training job pushes: the published model's validation metrics, its epoch, the run's length."""
+    meta = summary.meta
+    gauges = {f"train_{name}": (value, f"Validation {name.removeprefix('val_')} of the published (best) epoch")
+              for name, value in meta.metrics.items()}
+    gauges.update({
+        "train_best_epoch": (meta.epoch, "Epoch of the published checkpoint"),
+        "train_epochs": (summary.epochs_run, "Epochs the run has completed (resumed runs count on)"),
+        "train_duration_seconds": (seconds, "Wall time of the training job"),
+        "train_last_success_timestamp_seconds": (time.time(), "Unix time the training job succeeded"),
+    })
+    labelled = {"model_info": LabelledGauge("The model the run published (always 1)", "model_version",
+                                            {meta.model_version: 1.0})}
+    return {"gauges": gauges, "labelled": labelled}
