@@ -38,6 +38,7 @@ from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, UnknownGenreError, 
 from genre_pipeline.jobs_cli import flag
 from genre_pipeline.label.contract import PARTITION_KEY
 from genre_pipeline.model.checkpoints import CheckpointError, read_meta
+from genre_pipeline.model.fusion import POSTER, subset_name
 from genre_pipeline.statuses import STATUS_OK, STATUS_PARTIAL
 
 logger = logging.getLogger(__name__)
@@ -226,8 +227,8 @@ def eval_rows(split_rows: pa.Table, labels: pa.Table, genres: list[str], source:
 def row_signals(rows: pa.Table) -> list[str]:
     """What scored each row; labels written before the `signals` column came from posters alone."""
     if "signals" not in rows.column_names:
-        return ["poster"] * rows.num_rows
-    return ["+".join(used) if used else "poster" for used in rows.column("signals").to_pylist()]
+        return [POSTER] * rows.num_rows
+    return [subset_name(used) if used else POSTER for used in rows.column("signals").to_pylist()]
 
 
 def metrics_by_signals(rows: EvalRows) -> dict[str, dict]:

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from genre_pipeline import telemetry
 from genre_pipeline.genres import GENRES, labels_from_scores, score_columns, top_genres
+from genre_pipeline.model.fusion import subset_name
 
 # Hive-style partition directory under the labels root: labels/run_date=YYYY-MM-DD/*.parquet
 PARTITION_KEY = "run_date"
@@ -61,7 +62,7 @@ def to_label_table(
     scores = np.asarray(batch["scores"], dtype=np.float32).reshape(len(batch["movie_id"]), len(genres))
     ok = ~np.isnan(scores).any(axis=1)
     signals = [list(used) if keep else [] for used, keep in zip(batch["signals"], ok, strict=True)]
-    predicted = predicted_genres(np.nan_to_num(scores, nan=-1.0), ["+".join(s) for s in signals], thresholds,
+    predicted = predicted_genres(np.nan_to_num(scores, nan=-1.0), [subset_name(s) for s in signals], thresholds,
                                  genres)
     top = top_genres(np.nan_to_num(scores, nan=-1.0), genres) if len(scores) else []
     count = len(scores)

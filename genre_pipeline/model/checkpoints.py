@@ -79,10 +79,6 @@ class ModelMeta:
         data["preprocess"] = PreprocessSpec.from_dict(data["preprocess"])
         return cls(**data)
 
-    @property
-    def threshold_array(self) -> np.ndarray:
-        return np.asarray(self.thresholds, dtype=np.float32)
-
 
 def runtime_versions() -> dict[str, str]:
     import ray
