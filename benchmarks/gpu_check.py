@@ -58,6 +58,7 @@ from genre_pipeline.data.tensors import to_model_input  # noqa: E402
 from genre_pipeline.genres import GENRES, encode_many  # noqa: E402
 from genre_pipeline.model.architectures import ARCHS, build_model, default_preprocess  # noqa: E402
 from genre_pipeline.model.checkpoints import ModelMeta, save_checkpoint  # noqa: E402
+from genre_pipeline.model.fusion import POSTER  # noqa: E402
 from genre_pipeline.model.predictor import GenrePredictor  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_CUDA = 0, 1, 3
@@ -247,7 +248,7 @@ def predict_check(model_uri: str, images: np.ndarray, device: torch.device) -> C
     reference = GenrePredictor(model_uri, device="cpu", num_threads=usable_cpus(), precision="fp32")
     candidate = GenrePredictor(model_uri, device=str(device), num_threads=usable_cpus())
     expected, got = reference.predict(images), candidate.predict(images)
-    thresholds = reference.meta.threshold_array
+    thresholds = reference.meta.thresholds_for(POSTER)
     max_diff = float(np.abs(expected - got).max())
     agreement = float(((expected >= thresholds) == (got >= thresholds)).mean())
     passed = bool(np.isfinite(got).all()) and max_diff < MAX_SCORE_DIFF and agreement >= MIN_LABEL_AGREEMENT
