@@ -4,7 +4,9 @@
 
 `add_config_flags` adds `--batch-size` with the field's default (a bool is a switch, `tuple[str, ...]` a
 repeatable flag, an int or float is parsed as one) and `config_from_args` builds the config back from the parsed
-flags. Flags that are not config fields (object storage, the Pushgateway) are added, and listed, by the jobs.
+flags. `job_parser` builds a job's whole parser (its config's flags, then `--pushgateway` where the job pushes
+metrics, then the object storage flags) and `parse_job_args` turns a command line into the config; each job lists
+the flags that are not config fields in its `EXTRA_FLAGS`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from genre_pipeline.data.storage import StorageOptions
 
 FLAG = "flag"  # the field metadata key
 STORAGE_FLAGS = ("--endpoint-url", "--anonymous", "--region")
+PUSHGATEWAY_FLAG = "--pushgateway"
 ConfigT = TypeVar("ConfigT")
 
 
@@ -87,6 +90,28 @@ def add_storage_flags(parser: argparse.ArgumentParser) -> None:
 
 def storage_options_from(args: argparse.Namespace) -> StorageOptions:
     return StorageOptions(endpoint_url=args.endpoint_url, anonymous=args.anonymous, region=args.region)
+
+
+def job_parser(doc: str | None, config_class: type, *, pushgateway: bool = False,
+               one_of: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A job's parser: its docstring as the description, kept as written (it shows the commands that run the job),
+    one flag per config field, `--pushgateway` where the job pushes metrics, and the object storage flags.
+    `one_of` names fields of which exactly one must be given (a required mutually exclusive group)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = dict.fromkeys(one_of, parser.add_mutually_exclusive_group(required=True)) if one_of else None
+    add_config_flags(parser, config_class, groups)
+    if pushgateway:
+        parser.add_argument(PUSHGATEWAY_FLAG, default=None, help="HOST:PORT of a Prometheus Pushgateway")
+    add_storage_flags(parser)
+    return parser
+
+
+def parse_job_args(parser: argparse.ArgumentParser, config_class: type[ConfigT],
+                   argv: list[str] | None) -> tuple[ConfigT, argparse.Namespace]:
+    """The job's config from `argv` (the storage flags become its `storage_options`), and the parsed flags for
+    those that are not config fields (e.g. `--pushgateway`)."""
+    args = parser.parse_args(argv)
+    return config_from_args(config_class, args, storage_options=storage_options_from(args)), args
 
 
 # Flag types: argparse prints an ArgumentTypeError's message, and a ValueError as "invalid <function name> value".

@@ -31,14 +31,7 @@ from genre_pipeline.data.catalog import (  # noqa: E402
     write_catalog,
 )
 from genre_pipeline.data.sample import POSTER_SIZE, build_sample_catalog  # noqa: E402
-from genre_pipeline.jobs_cli import (  # noqa: E402
-    STORAGE_FLAGS,
-    add_config_flags,
-    add_storage_flags,
-    config_from_args,
-    flag,
-    storage_options_from,
-)
+from genre_pipeline.jobs_cli import STORAGE_FLAGS, flag, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.runtime import run_job  # noqa: E402
 
 logger = logging.getLogger("build_catalog")
@@ -80,16 +73,11 @@ EXTRA_FLAGS = STORAGE_FLAGS  # the flags that are not Config fields
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    add_config_flags(parser, Config, groups={"movielens_dir": source, "sample": source})
-    add_storage_flags(parser)
-    return parser
+    return job_parser(__doc__, Config, one_of=("movielens_dir", "sample"))
 
 
 def parse_config(argv: list[str] | None) -> Config:
-    args = build_parser().parse_args(argv)
-    return config_from_args(Config, args, storage_options=storage_options_from(args))
+    return parse_job_args(build_parser(), Config, argv)[0]
 
 
 def movielens_catalog(config: Config):

@@ -22,13 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
 
-from genre_pipeline.jobs_cli import (  # noqa: E402
-    STORAGE_FLAGS,
-    add_config_flags,
-    add_storage_flags,
-    config_from_args,
-    storage_options_from,
-)
+from genre_pipeline.jobs_cli import STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.runtime import run_job  # noqa: E402
 from genre_pipeline.signals.titles import TitleEmbeddingConfig, check_inputs, embed_titles, set_offline_env  # noqa: E402
 
@@ -38,15 +32,11 @@ EXTRA_FLAGS = STORAGE_FLAGS  # the flags that are not TitleEmbeddingConfig field
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(p, TitleEmbeddingConfig)
-    add_storage_flags(p)
-    return p
+    return job_parser(__doc__, TitleEmbeddingConfig)
 
 
 def parse_config(argv: list[str] | None) -> TitleEmbeddingConfig:
-    args = build_parser().parse_args(argv)
-    return config_from_args(TitleEmbeddingConfig, args, storage_options=storage_options_from(args))
+    return parse_job_args(build_parser(), TitleEmbeddingConfig, argv)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

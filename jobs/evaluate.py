@@ -32,13 +32,7 @@ from genre_pipeline.evaluate.report import (  # noqa: E402
     evaluate,
     write_outputs,
 )
-from genre_pipeline.jobs_cli import (  # noqa: E402
-    STORAGE_FLAGS,
-    add_config_flags,
-    add_storage_flags,
-    config_from_args,
-    storage_options_from,
-)
+from genre_pipeline.jobs_cli import STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.runtime import run_job  # noqa: E402
 
 logger = logging.getLogger("evaluate")
@@ -47,15 +41,11 @@ EXTRA_FLAGS = STORAGE_FLAGS  # the flags that are not EvaluateConfig fields
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(p, EvaluateConfig)
-    add_storage_flags(p)
-    return p
+    return job_parser(__doc__, EvaluateConfig)
 
 
 def parse_config(argv: list[str] | None) -> EvaluateConfig:
-    args = build_parser().parse_args(argv)
-    return config_from_args(EvaluateConfig, args, storage_options=storage_options_from(args))
+    return parse_job_args(build_parser(), EvaluateConfig, argv)[0]
 
 
 def score(config: EvaluateConfig) -> tuple[str, dict[str, bytes]]:

@@ -23,13 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
 
-from genre_pipeline.jobs_cli import (  # noqa: E402
-    STORAGE_FLAGS,
-    add_config_flags,
-    add_storage_flags,
-    config_from_args,
-    storage_options_from,
-)
+from genre_pipeline.jobs_cli import PUSHGATEWAY_FLAG, STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.label.pipeline import LabelConfig, LabelSummary, label_catalog  # noqa: E402
 from genre_pipeline.runtime import FailureMetric, run_job  # noqa: E402
 from genre_pipeline.statuses import STATUSES  # noqa: E402
@@ -37,20 +31,15 @@ from genre_pipeline.telemetry import LABEL_JOB, LabelledGauge, push_job_outcome 
 
 logger = logging.getLogger("label_catalog")
 
-EXTRA_FLAGS = ("--pushgateway", *STORAGE_FLAGS)  # the flags that are not LabelConfig fields
+EXTRA_FLAGS = (PUSHGATEWAY_FLAG, *STORAGE_FLAGS)  # the flags that are not LabelConfig fields
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(p, LabelConfig)
-    p.add_argument("--pushgateway", default=None, help="HOST:PORT of a Prometheus Pushgateway")
-    add_storage_flags(p)
-    return p
+    return job_parser(__doc__, LabelConfig, pushgateway=True)
 
 
 def parse_config(argv: list[str] | None) -> tuple[LabelConfig, argparse.Namespace]:
-    args = build_parser().parse_args(argv)
-    return config_from_args(LabelConfig, args, storage_options=storage_options_from(args)), args
+    return parse_job_args(build_parser(), LabelConfig, argv)
 
 
 def push_metrics(gateway: str | None, config: LabelConfig, summary: LabelSummary) -> None:

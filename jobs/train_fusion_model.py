@@ -26,13 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from 
 
 from genre_pipeline.data import storage  # noqa: E402
 from genre_pipeline.evaluate.tables import subset_lines  # noqa: E402
-from genre_pipeline.jobs_cli import (  # noqa: E402
-    STORAGE_FLAGS,
-    add_config_flags,
-    add_storage_flags,
-    config_from_args,
-    storage_options_from,
-)
+from genre_pipeline.jobs_cli import PUSHGATEWAY_FLAG, STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.runtime import FailureMetric, run_job  # noqa: E402
 from genre_pipeline.telemetry import TRAIN_JOB, push_job_outcome  # noqa: E402
 from genre_pipeline.train.driver import TrainSummary, train_outcome  # noqa: E402
@@ -40,20 +34,15 @@ from genre_pipeline.train.fusion_driver import FusionJobConfig, run_fusion_train
 
 logger = logging.getLogger("train_fusion_model")
 
-EXTRA_FLAGS = ("--pushgateway", *STORAGE_FLAGS)  # the flags that are not FusionJobConfig fields
+EXTRA_FLAGS = (PUSHGATEWAY_FLAG, *STORAGE_FLAGS)  # the flags that are not FusionJobConfig fields
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(p, FusionJobConfig)
-    p.add_argument("--pushgateway", default=None, help="HOST:PORT of a Prometheus Pushgateway")
-    add_storage_flags(p)
-    return p
+    return job_parser(__doc__, FusionJobConfig, pushgateway=True)
 
 
 def parse_config(argv: list[str] | None) -> tuple[FusionJobConfig, argparse.Namespace]:
-    args = build_parser().parse_args(argv)
-    return config_from_args(FusionJobConfig, args, storage_options=storage_options_from(args)), args
+    return parse_job_args(build_parser(), FusionJobConfig, argv)
 
 
 def check_storage(config: FusionJobConfig) -> None:

@@ -26,33 +26,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from 
 
 from genre_pipeline.data import storage  # noqa: E402
 from genre_pipeline.evaluate.metrics import metrics_line  # noqa: E402
-from genre_pipeline.jobs_cli import (  # noqa: E402
-    STORAGE_FLAGS,
-    add_config_flags,
-    add_storage_flags,
-    config_from_args,
-    storage_options_from,
-)
+from genre_pipeline.jobs_cli import PUSHGATEWAY_FLAG, STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.runtime import FailureMetric, run_job  # noqa: E402
 from genre_pipeline.telemetry import TRAIN_JOB, push_job_outcome  # noqa: E402
 from genre_pipeline.train.driver import TrainJobConfig, TrainSummary, run_training, train_outcome  # noqa: E402
 
 logger = logging.getLogger("train_genre_model")
 
-EXTRA_FLAGS = ("--pushgateway", *STORAGE_FLAGS)  # the flags that are not TrainJobConfig fields
+EXTRA_FLAGS = (PUSHGATEWAY_FLAG, *STORAGE_FLAGS)  # the flags that are not TrainJobConfig fields
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(p, TrainJobConfig)
-    p.add_argument("--pushgateway", default=None, help="HOST:PORT of a Prometheus Pushgateway")
-    add_storage_flags(p)
-    return p
+    return job_parser(__doc__, TrainJobConfig, pushgateway=True)
 
 
 def parse_config(argv: list[str] | None) -> tuple[TrainJobConfig, argparse.Namespace]:
-    args = build_parser().parse_args(argv)
-    return config_from_args(TrainJobConfig, args, storage_options=storage_options_from(args)), args
+    return parse_job_args(build_parser(), TrainJobConfig, argv)
 
 
 def check_storage(config: TrainJobConfig) -> None:
