@@ -1,7 +1,7 @@
 """The jobs' end-of-run metrics through the real servers: Debian's `prometheus-pushgateway` and `prometheus`.
 
 Both run on 127.0.0.1 as subprocesses of the test; Prometheus scrapes the Pushgateway every second with
-`honor_labels: true`, as the README tells operators to. The tests run the jobs with `--pushgateway`, parse
+`honor_labels: true`, as docs/operations.md tells operators to. The tests run the jobs with `--pushgateway`, parse
 what they printed and poll Prometheus' HTTP API until the scrape shows the same numbers.
 """
 
