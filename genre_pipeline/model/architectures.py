@@ -18,6 +18,7 @@ from genre_pipeline.data import storage
 from genre_pipeline.data.images import PreprocessSpec
 from genre_pipeline.model.backbones import (
     LITE_VARIANTS,
+    LiteFeatures,
     WeightsUnavailableError,
     create_lite,
     lite_input_config,
@@ -37,6 +38,8 @@ _STUDY_IMAGE_SIZE = {"baseline": 128, "cnn": 256, "resnet50": 224}
 PRETRAINED_ARCHS = tuple(LITE_VARIANTS)  # pretrained by default: their weights ship in installed packages
 ARCHS = (*_STUDY_IMAGE_SIZE, *PRETRAINED_ARCHS)
 RESNET50_IMAGENET = "ResNet50_Weights.IMAGENET1K_V2"
+# The Lite stages whose pooled outputs join the last convolution's as the head's features (the last two).
+LITE_POOLED_BLOCKS = (5, 6)
 
 
 class GenreNet(nn.Module):
@@ -96,15 +99,25 @@ def _resnet50(num_genres: int, imagenet: bool) -> GenreNet:
     return GenreNet(backbone, head)
 
 
-def _efficientnet_lite(arch: str, num_genres: int, imagenet: bool) -> GenreNet:
-    backbone = create_lite(arch)
+def default_pooled_blocks(arch: str) -> tuple[int, ...]:
+    """What `build_model` pools for this arch unless told otherwise (what a checkpoint records)."""
+    return LITE_POOLED_BLOCKS if arch in LITE_VARIANTS else ()
+
+
+def lite_backbone(arch: str, imagenet: bool, pooled_blocks: tuple[int, ...] = LITE_POOLED_BLOCKS) -> LiteFeatures:
+    """A Lite feature extractor, with the ImageNet weights of its package when `imagenet`."""
+    network = create_lite(arch)
     if imagenet:
         path = package_weights_file(arch)
         state, _ = read_state_dict(str(path), storage.StorageOptions())
-        load_lite_weights(backbone, state, str(path))
+        load_lite_weights(network, state, str(path))
+    return LiteFeatures(network, pooled_blocks)
+
+
+def _efficientnet_lite(arch: str, num_genres: int, imagenet: bool, pooled_blocks: tuple[int, ...]) -> GenreNet:
+    backbone = lite_backbone(arch, imagenet, pooled_blocks)
     # Dropout before one linear layer per genre: on 2.6k posters a deeper head overfits the frozen features.
-    width = 2 * backbone.num_features  # mean and max pooled ("catavgmax")
-    head = nn.Sequential(nn.Dropout(0.3), nn.Linear(width, num_genres))
+    head = nn.Sequential(nn.Dropout(0.3), nn.Linear(backbone.feature_width, num_genres))
     return GenreNet(backbone, head)
 
 
@@ -112,7 +125,6 @@ _BUILDERS: dict[str, Callable[[int, bool], GenreNet]] = {
     "baseline": lambda n, imagenet: _baseline(n),
     "cnn": lambda n, imagenet: _cnn(n),
     "resnet50": _resnet50,
-    **{arch: (lambda n, imagenet, arch=arch: _efficientnet_lite(arch, n, imagenet)) for arch in LITE_VARIANTS},
 }
 
 
@@ -138,16 +150,25 @@ def default_preprocess(arch: str, width: int | None = None) -> PreprocessSpec:
 
 def build_model(
     *, arch: str, num_genres: int, pretrained: bool = False, weights: str | None = None,
-    storage_options: storage.StorageOptions = storage.StorageOptions(),
+    storage_options: storage.StorageOptions = storage.StorageOptions(), pooled_blocks: tuple[int, ...] | None = None,
 ) -> GenreNet:
     """A fresh model. `pretrained`: the arch's ImageNet weights (an installed package for the EfficientNet-Lites,
-    torchvision's download for resnet50); `weights`: a backbone state_dict file instead (path or s3://)."""
-    if arch not in _BUILDERS:
+    torchvision's download for resnet50); `weights`: a backbone state_dict file instead (path or s3://).
+    `pooled_blocks`: a Lite backbone's stages pooled into its features (default `LITE_POOLED_BLOCKS`; a
+    checkpoint passes the ones it was trained with)."""
+    if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
     if (pretrained or weights) and arch not in ("resnet50", *LITE_VARIANTS):
         raise WeightsUnavailableError(
             f"no pretrained weights exist for arch {arch!r}; only resnet50 and {', '.join(LITE_VARIANTS)} have them")
-    model = _BUILDERS[arch](num_genres, pretrained and weights is None)
+    imagenet = pretrained and weights is None
+    if arch in LITE_VARIANTS:
+        model = _efficientnet_lite(arch, num_genres, imagenet,
+                                   LITE_POOLED_BLOCKS if pooled_blocks is None else tuple(pooled_blocks))
+    elif pooled_blocks:
+        raise ValueError(f"pooled_blocks applies to {', '.join(LITE_VARIANTS)}, not {arch!r}")
+    else:
+        model = _BUILDERS[arch](num_genres, imagenet)
     if weights:
         load_backbone_weights(model, arch, weights, storage_options)
     return model

@@ -45,13 +45,51 @@ LITE_VARIANTS: dict[str, LiteVariant] = {
 }
 
 
-def create_lite(arch: str, *, num_classes: int = 0, global_pool: str = "catavgmax") -> nn.Module:
-    """timm's network with random weights. `num_classes=0` gives pooled features; mean+max pooling keeps both
-    "how much of this colour/texture" and "is there a strong instance of it anywhere" for the genre head."""
+def create_lite(arch: str, *, num_classes: int = 0, global_pool: str = "avg") -> nn.Module:
+    """timm's network with random weights: the genre models use its modules through `LiteFeatures`; with
+    `num_classes=1000` it is the ImageNet classifier the weights were trained as."""
     import timm
 
     return timm.create_model(LITE_VARIANTS[arch].timm_name, pretrained=False, num_classes=num_classes,
                              global_pool=global_pool)
+
+
+def stage_channels(stage: nn.Sequential) -> int:
+    """Channels out of one stage of a Lite network (its last block's last pointwise convolution)."""
+    last = stage[-1]
+    return (last.conv_pwl if hasattr(last, "conv_pwl") else last.conv_pw).out_channels
+
+
+def mean_max(x: torch.Tensor) -> torch.Tensor:
+    """timm's "catavgmax" pooling: the spatial mean, then the spatial max, per channel."""
+    return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+
+
+class LiteFeatures(nn.Module):
+    """A Lite network as a feature extractor: the mean+max pooled output of its last convolution, then of each of
+    `pooled_blocks`' stages. Mean and max keep both "how much of this colour or texture" and "is there a strong
+    instance of it anywhere"; the earlier stages add mid-level colour and texture (docs/results.md).
+
+    It holds the network's own modules under their own names, so its state_dict is the network's (without the
+    classifier) and weights load, fold and compare as timm's do."""
+
+    def __init__(self, network: nn.Module, pooled_blocks: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.conv_stem, self.bn1, self.blocks = network.conv_stem, network.bn1, network.blocks
+        self.conv_head, self.bn2 = network.conv_head, network.bn2
+        if any(not 0 <= index < len(self.blocks) for index in pooled_blocks):
+            raise ValueError(f"pooled_blocks {pooled_blocks}: a Lite network has stages 0-{len(self.blocks) - 1}")
+        self.pooled_blocks = tuple(sorted(pooled_blocks))
+        self.feature_width = 2 * (network.num_features + sum(stage_channels(self.blocks[i]) for i in pooled_blocks))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(self.conv_stem(images))
+        pooled = []
+        for index, stage in enumerate(self.blocks):
+            x = stage(x)
+            if index in self.pooled_blocks:
+                pooled.append(mean_max(x))
+        return torch.cat([mean_max(self.bn2(self.conv_head(x))), *pooled], dim=1)
 
 
 def lite_input_config(arch: str) -> dict:

@@ -55,6 +55,8 @@ class ModelMeta:
     recipe: dict = field(default_factory=dict)  # the training hyperparameters that made it
     versions: dict[str, str] = field(default_factory=dict)
     signals: list[str] = field(default_factory=lambda: ["poster"])  # what the model scores from
+    # A Lite backbone's stages pooled beside its last convolution (empty: that alone, as before they were).
+    pooled_blocks: list[int] = field(default_factory=list)
     # A fusion model's: hidden width, each signal's input width, the embedding tables it was trained on (uri,
     # version, space), thresholds per signal subset and validation metrics per subset. Empty: a poster model.
     fusion: dict = field(default_factory=dict)
@@ -102,9 +104,10 @@ def model_family(meta: ModelMeta) -> str:
 
 def build_from_meta(meta: ModelMeta) -> torch.nn.Module:
     """The network meta describes, with untrained weights (the checkpoint's replace them)."""
+    model = build_model(arch=meta.arch, num_genres=len(meta.genres), pooled_blocks=tuple(meta.pooled_blocks))
     if not meta.is_fusion:
-        return build_model(arch=meta.arch, num_genres=len(meta.genres))
-    backbone = build_model(arch=meta.arch, num_genres=len(meta.genres)).backbone if POSTER in meta.signals else None
+        return model
+    backbone = model.backbone if POSTER in meta.signals else None
     dims = {signal: int(width) for signal, width in meta.fusion["dims"].items()}
     return FusionNet(backbone, FusionHead(dims, int(meta.fusion["hidden"]), len(meta.genres)))
 

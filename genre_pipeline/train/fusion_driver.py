@@ -25,8 +25,7 @@ from genre_pipeline.errors import ConfigError
 from genre_pipeline.evaluate.metrics import THRESHOLD_OBJECTIVES
 from genre_pipeline.genres import GENRES, encode_many
 from genre_pipeline.jobs_cli import flag, fraction, non_negative_float, positive_float, positive_int
-from genre_pipeline.model.architectures import PRETRAINED_ARCHS, default_preprocess, weights_source
-from genre_pipeline.model.backbones import create_lite
+from genre_pipeline.model.architectures import PRETRAINED_ARCHS, default_preprocess, lite_backbone, weights_source
 from genre_pipeline.model.fusion import POSTER, SIGNAL_ORDER
 from genre_pipeline.runtime import TORCH_WORKER_ENV
 from genre_pipeline.signals.embeddings import EmbeddingMeta, file_uri
@@ -149,7 +148,7 @@ def loop_config(config: FusionJobConfig, metas: dict[str, EmbeddingMeta], train:
                 val: pa.Table) -> FusionLoopConfig:
     dims = {signal: meta.dim for signal, meta in metas.items()}
     if config.poster:
-        dims[POSTER] = 2 * create_lite(config.arch).num_features  # mean and max pooled
+        dims[POSTER] = lite_backbone(config.arch, imagenet=False).feature_width
     return FusionLoopConfig(
         arch=config.arch, genres=list(GENRES), preprocess=default_preprocess(config.arch, config.image_size),
         signals=config.signals, dims=dims,
