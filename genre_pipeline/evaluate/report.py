@@ -275,7 +275,7 @@ def model_card(config: EvaluateConfig, model_versions: list[str]) -> dict:
             "preprocess": meta.preprocess.to_dict(), "threshold_objective": meta.threshold_objective,
             "thresholds": dict(zip(meta.genres, meta.thresholds, strict=True)), "epoch": meta.epoch,
             "recipe": meta.recipe, "validation_metrics": meta.metrics, "signals": meta.signals,
-            **({"fusion": fusion_card(meta.fusion)} if meta.is_fusion else {})}
+            "pooled_blocks": meta.pooled_blocks, **({"fusion": fusion_card(meta.fusion)} if meta.is_fusion else {})}
 
 
 def fusion_card(fusion: dict) -> dict:
@@ -283,6 +283,11 @@ def fusion_card(fusion: dict) -> dict:
     return {"embeddings": {signal: {key: table[key] for key in ("version", "space", "method", "dim")}
                            for signal, table in fusion.get("embeddings", {}).items()},
             "subset_metrics": fusion.get("subset_metrics", {}), "validation_rows": fusion.get("validation_rows", 0)}
+
+
+def features_line(pooled_blocks: list[int]) -> str:
+    stages = f" and of stages {', '.join(map(str, pooled_blocks))}" if pooled_blocks else ""
+    return f"the backbone's mean+max pooled output of its last convolution{stages}"
 
 
 def render_model_card(card: dict) -> list[str]:
@@ -296,6 +301,7 @@ def render_model_card(card: dict) -> list[str]:
         f"- `{card['model_version']}` from `{card['uri']}`: arch `{card['arch']}`, epoch {card['epoch']}",
         f"- initial weights: {source}",
         f"- preprocessing: {spec.describe()}",
+        f"- features: {features_line(card.get('pooled_blocks', []))}",
         f"- thresholds: tuned for {card['threshold_objective']}-F1 on validation "
         f"({'one threshold, ' + str(thresholds[0]) if len(thresholds) == 1 else 'per genre'})",
         f"- recipe: {recipe}",

@@ -38,8 +38,8 @@ _STUDY_IMAGE_SIZE = {"baseline": 128, "cnn": 256, "resnet50": 224}
 PRETRAINED_ARCHS = tuple(LITE_VARIANTS)  # pretrained by default: their weights ship in installed packages
 ARCHS = (*_STUDY_IMAGE_SIZE, *PRETRAINED_ARCHS)
 RESNET50_IMAGENET = "ResNet50_Weights.IMAGENET1K_V2"
-# The Lite stages whose pooled outputs join the last convolution's as the head's features (the last two).
-LITE_POOLED_BLOCKS = (5, 6)
+# The Lite stages whose pooled outputs join the last convolution's as the head's features (the last three).
+LITE_POOLED_BLOCKS = (4, 5, 6)
 
 
 class GenreNet(nn.Module):
@@ -97,11 +97,6 @@ def _resnet50(num_genres: int, imagenet: bool) -> GenreNet:
     # The study's head.
     head = nn.Sequential(nn.Linear(2048, 1024), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(1024, num_genres))
     return GenreNet(backbone, head)
-
-
-def default_pooled_blocks(arch: str) -> tuple[int, ...]:
-    """What `build_model` pools for this arch unless told otherwise (what a checkpoint records)."""
-    return LITE_POOLED_BLOCKS if arch in LITE_VARIANTS else ()
 
 
 def lite_backbone(arch: str, imagenet: bool, pooled_blocks: tuple[int, ...] = LITE_POOLED_BLOCKS) -> LiteFeatures:

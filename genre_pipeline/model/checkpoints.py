@@ -112,11 +112,19 @@ def build_from_meta(meta: ModelMeta) -> torch.nn.Module:
     return FusionNet(backbone, FusionHead(dims, int(meta.fusion["hidden"]), len(meta.genres)))
 
 
+def pooled_blocks_of(model: torch.nn.Module) -> list[int]:
+    """The stages a model's Lite backbone pools (none for other backbones), read off the model itself."""
+    backbone = getattr(getattr(model, "module", model), "backbone", None)
+    return list(getattr(backbone, "pooled_blocks", ()))
+
+
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, meta: ModelMeta) -> ModelMeta:
-    """Write weights and meta into a local directory; the model version is derived from the weights' hash."""
+    """Write weights and meta into a local directory; the model version is derived from the weights' hash, and
+    the meta's `pooled_blocks` from the model (so that the meta always rebuilds the network the weights fit)."""
     data = weights_bytes(model)
     digest = hashlib.sha256(data).hexdigest()
     meta = ModelMeta(**{**asdict(meta), "preprocess": meta.preprocess, "weights_sha256": digest,
+                        "pooled_blocks": pooled_blocks_of(model),
                         "model_version": f"{model_family(meta)}-e{meta.epoch}-{digest[:12]}"})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

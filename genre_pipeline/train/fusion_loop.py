@@ -31,7 +31,7 @@ from genre_pipeline.evaluate.metrics import (
 )
 from genre_pipeline.evaluate.tables import PRIOR_ROW
 from genre_pipeline.genres import DEFAULT_THRESHOLD
-from genre_pipeline.model.architectures import build_model, default_pooled_blocks
+from genre_pipeline.model.architectures import build_model
 from genre_pipeline.model.checkpoints import ModelMeta, runtime_versions, save_checkpoint
 from genre_pipeline.model.fusion import POSTER, FusionHead, FusionNet, all_subsets, subset_name
 from genre_pipeline.signals.join import embedding_column, signal_matrix
@@ -239,7 +239,6 @@ def fusion_meta(config: FusionLoopConfig, metrics: dict[str, float], subsets: di
                 "epochs": config.epochs, "patience": config.patience, "lr": config.lr,
                 "weight_decay": config.weight_decay, "seed": config.seed},
         versions=runtime_versions(), signals=list(config.signals),
-        pooled_blocks=list(default_pooled_blocks(config.arch)),
         fusion={"hidden": config.hidden, "dims": dict(config.dims), "embeddings": dict(config.embeddings),
                 "thresholds_by_signals": thresholds, "subset_metrics": subsets, "validation_rows": validation_rows})
 

@@ -27,7 +27,7 @@ from genre_pipeline.data import storage
 from genre_pipeline.data.images import PreprocessSpec
 from genre_pipeline.data.tensors import to_model_input
 from genre_pipeline.evaluate.metrics import metrics_line, summary_metrics, tune_thresholds
-from genre_pipeline.model.architectures import GenreNet, build_model, default_pooled_blocks
+from genre_pipeline.model.architectures import GenreNet, build_model
 from genre_pipeline.model.checkpoints import ModelMeta, runtime_versions, save_checkpoint
 from genre_pipeline.train.head import Features, extract_features, merge_features, train_head
 
@@ -229,8 +229,7 @@ def epoch_meta(config: LoopConfig, state: TrainState, metrics: dict[str, float],
     return ModelMeta(arch=config.arch, genres=list(config.genres), preprocess=config.preprocess,
                      thresholds=thresholds.tolist(), threshold_objective=config.threshold_objective,
                      epoch=state.epoch, metrics=metrics, data_fingerprint=config.data_fingerprint,
-                     weights_source=dict(config.weights_source), recipe=recipe_of(config), versions=runtime_versions(),
-                     pooled_blocks=list(default_pooled_blocks(config.arch)))
+                     weights_source=dict(config.weights_source), recipe=recipe_of(config), versions=runtime_versions())
 
 
 def recipe_of(config: LoopConfig) -> dict[str, float | int | bool]:
