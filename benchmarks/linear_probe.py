@@ -2,7 +2,7 @@
 
     python benchmarks/linear_probe.py --catalog out/ml1m/catalog.parquet --arch efficientnet_lite0
 
-Features are the backbone's mean+max pooled output at the arch's own preprocessing (no training, no
+Features are the backbone's mean+max pooled last convolution at the arch's own preprocessing (no training, no
 augmentation), computed once per poster of the train split. One scikit-learn `LogisticRegression(C=0.001)` per
 genre is fitted on the training rows and scored on the rows that training holds out (`--val-fraction`, the same
 stable hash), with the study's threshold 0.3 and, for comparison, the micro-F1-tuned one. Needs scikit-learn
@@ -65,7 +65,8 @@ def main() -> None:
     args = parser.parse_args()
     train, val = split_rows(load_training_rows(args.catalog, storage.StorageOptions()), args.val_fraction)
     spec = default_preprocess(args.arch)
-    backbone = build_model(arch=args.arch, num_genres=len(GENRES), pretrained=True).backbone.eval()
+    # The baseline: the last convolution's pooled features alone, not the recipe's extra stages.
+    backbone = build_model(arch=args.arch, num_genres=len(GENRES), pretrained=True, pooled_blocks=()).backbone.eval()
     started = time.perf_counter()
     train_x, val_x = features(backbone, train, spec), features(backbone, val, spec)
     print(f"{args.arch} features of {len(train_x) + len(val_x)} posters at {spec.describe()}: "
