@@ -3,18 +3,18 @@ r"""Promote a published model version: point `<registry>/production` at it, for 
     python jobs/promote_model.py --registry s3://bucket/models \
         --version s3://bucket/runs/genre-lite2/versions/<model_version>
 
-Copies nothing. The version is checked first (its meta.json reads and its weights match the digest the meta
-records, as the label job checks them), then `<registry>/production/pointer.json` names it in one atomic write.
-The label job's `--model s3://bucket/models/production` then reads that version until the next promotion,
-whatever training runs publish meanwhile. Given a model folder with a pointer (e.g. runs/<name>/model), the
-version it names now is promoted, never the folder. Exit 0 when promoted; 2 when the version cannot be used
-(missing, unreadable, or changed after publishing); the previous promotion then stays.
+Copies nothing. The version is checked first (its meta.json reads and records a full weights sha256, which its
+weights match, as the label job checks them), then `<registry>/production/pointer.json` names it, with that
+digest, in one atomic write. The label job's `--model s3://bucket/models/production` then reads that version
+until the next promotion, whatever training runs publish meanwhile. Given a model folder with a pointer (e.g.
+runs/<name>/model), the version it names now is promoted, never the folder. Exit 0 when promoted; 2 when the
+version cannot be used (missing, unreadable, changed after publishing, or a checkpoint from before full digests
+were recorded: re-publish it first); the previous promotion then stays.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from 
 
 from genre_pipeline.data import storage  # noqa: E402
 from genre_pipeline.jobs_cli import add_storage_flags, storage_options_from  # noqa: E402
-from genre_pipeline.model.checkpoints import POINTER_FILE, pin_model  # noqa: E402
+from genre_pipeline.model.checkpoints import POINTER_FILE, pin_model, write_pointer  # noqa: E402
 from genre_pipeline.runtime import run_job  # noqa: E402
 
 logger = logging.getLogger("promote_model")
@@ -44,13 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 def promote(version: str, registry: str, options: storage.StorageOptions = storage.StorageOptions()) -> str:
     """Verify `version` (meta and weights digest), then write `<registry>/production/pointer.json` naming it.
     Returns the pointer's URI."""
-    pinned = pin_model(version, options)  # CheckpointError (exit 2) when unreadable or tampered with
+    pinned = pin_model(version, options)  # CheckpointError (exit 2) when unreadable, tampered with or unpinnable
     target = pinned.uri if "://" in pinned.uri else os.path.abspath(pinned.uri)
-    pointer = json.dumps({"checkpoint": target, "model_version": pinned.meta.model_version,
-                          "weights_sha256": pinned.weights_sha256}, indent=2).encode()
-    pointer_uri = storage.join(registry, STAGE, POINTER_FILE)
-    storage.write_atomically(pointer_uri, pointer, options)
-    return pointer_uri
+    return write_pointer(storage.join(registry, STAGE), target, pinned.meta, options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ modality dropout teaches the model to score any subset of them. Thresholds are t
 validation; the report prints each subset's metrics on the same validation movies (those with every signal).
 The model is published like the poster models': `<storage-path>/<name>/versions/<model_version>/` and the
 pointer `<storage-path>/<name>/model`, for the label job's --model (give it the same embedding tables).
+Running a name again is refused (exit 2, naming what differs) unless its data, tables and settings are those its
+checkpoint was made with, as for jobs/train_genre_model.py.
 """
 
 from __future__ import annotations

@@ -1,19 +1,32 @@
-"""`ray job submit` to a real two-node Ray on 127.0.0.1 (head + a joined worker node, token auth on)."""
+"""Whether a job's actors and workers fit the cluster, and that no job waits for them forever; then `ray job
+submit` to a real two-node Ray on 127.0.0.1 (head + a joined worker node, token auth on).
+
+Feasibility runs on node lists, on the tests' local Ray (no GPU) and on a Ray node of its own that declares one
+logical GPU (`ray start --num-gpus=1`: Ray schedules against it, no CUDA needed). A pool that fits but cannot
+start (another job holds its resources) must fail within the job's --start-timeout.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow.dataset as pads
 import pytest
-from conftest import save_random_model, write_sample_parts
+import ray
+from conftest import REPO, save_random_model, write_sample_parts
 from ray_nodes import (
     DEADLINE_SECONDS,
+    HeadNode,
     descendants,
     free_port,
+    head_node,
     kill_tree,
     node_env,
     pids_matching,
@@ -23,7 +36,227 @@ from ray_nodes import (
     wait_until,
 )
 
+from genre_pipeline import cluster as placement
+from genre_pipeline.cluster import ClusterResourcesError, NodeResources, Pool, shortfall
 from genre_pipeline.failpoints import DIR_ENV_VAR, ENV_VAR
+from genre_pipeline.label.pipeline import (
+    ActorResources,
+    ActorResourcesError,
+    LabelConfig,
+    actors_started_in_time,
+    resolve_actor_resources,
+)
+from genre_pipeline.train.driver import TrainJobConfig, TrainResourcesError, check_resources, run_training
+
+# --- feasibility on given nodes --------------------------------------------------------------------------------
+
+GPU_NODE = NodeResources(cpus=8, gpus=2)
+
+
+def test_a_gpu_pool_on_a_cluster_without_gpus_names_the_pool_and_the_gpus():
+    pool = Pool("label actor", 4, cpus=1, gpus=1, spare_cpus=1)
+    assert shortfall(pool, [NodeResources(cpus=16)]) == "4 label actors of 1 GPU and 1 CPU each: the cluster has 0 GPUs"
+    assert shortfall(pool, [GPU_NODE]) == "4 label actors of 1 GPU and 1 CPU each: the cluster has 2 GPUs"
+    assert shortfall(pool, [GPU_NODE, GPU_NODE]) is None
+
+
+def test_each_process_must_fit_on_one_node_with_its_cpus_and_gpu():
+    # 3 GPUs and 9 CPUs in all, but the GPU nodes have 1 CPU each: no 2-CPU worker can sit beside its GPU
+    nodes = [NodeResources(cpus=1, gpus=1), NodeResources(cpus=1, gpus=2), NodeResources(cpus=7)]
+    worker = Pool("Ray Train worker", 2, cpus=2, gpus=1)
+    assert shortfall(worker, nodes) == ("2 Ray Train workers of 1 GPU and 2 CPUs each: only 0 fit on the live "
+                                        "nodes (1 CPU + 1 GPU; 1 CPU + 2 GPUs; 7 CPUs)")
+    assert shortfall(dataclasses.replace(worker, cpus=1), nodes) is None
+    # fractional GPUs share a card: 4 actors of half a GPU on 2 GPUs, not 5
+    assert shortfall(Pool("label actor", 4, cpus=1, gpus=0.5), [GPU_NODE]) is None
+    assert "the cluster has 2 GPUs" in shortfall(Pool("label actor", 5, cpus=1, gpus=0.5), [GPU_NODE])
+
+
+def test_the_spare_cpu_must_be_whole_on_one_node():
+    # two 2-CPU nodes: two 1.5-CPU workers leave 0.5 CPU on each, 1 in all, but Ray Data's task needs 1 whole
+    nodes = [NodeResources(cpus=2), NodeResources(cpus=2)]
+    assert shortfall(Pool("Ray Train worker", 2, cpus=1.5, spare_cpus=1), nodes) == (
+        "2 Ray Train workers of 1.5 CPUs each beside the 1 CPU Ray Data's tasks need: no node of the live nodes "
+        "(2 CPUs; 2 CPUs) keeps those free once they are placed")
+    assert shortfall(Pool("Ray Train worker", 3, cpus=1, spare_cpus=1), nodes) is None
+    assert shortfall(Pool("Ray Train worker", 4, cpus=1, spare_cpus=1), nodes) == (
+        "4 Ray Train workers of 1 CPU each beside the 1 CPU Ray Data's tasks need: the cluster has 4 CPUs")
+
+
+def test_waiting_for_nodes_ends_when_they_come_or_at_the_deadline(monkeypatch):
+    monkeypatch.setattr(placement, "POLL_SECONDS", 0.01)
+    nodes = iter([[], [], [GPU_NODE]])  # a GPU node joins at the third look
+    pool = Pool("label actor", 2, cpus=1, gpus=1)
+
+    def attempt() -> int:
+        placement.check_pool(pool, next(nodes))
+        return 2
+
+    assert placement.within(60, attempt) == 2
+    started = time.monotonic()
+    with pytest.raises(ClusterResourcesError, match="2 label actors of 1 GPU and 1 CPU each: the cluster has 0 GPUs"):
+        placement.within(0.05, lambda: placement.check_pool(pool, []))
+    assert time.monotonic() - started < 5
+
+
+def test_training_workers_are_placed_node_by_node(monkeypatch):
+    """Enough CPUs and GPUs in all, but no node holds a worker: the old sums passed this."""
+    monkeypatch.setattr(ray, "nodes", lambda: [
+        {"Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}},
+        {"Alive": True, "Resources": {"CPU": 8.0}},
+        {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}},  # a dead node offers nothing
+    ])
+    config = TrainJobConfig(catalog="c", storage_path="s", name="n", num_workers=1, cpus_per_worker=2, use_gpu=True)
+    with pytest.raises(TrainResourcesError, match=r"1 Ray Train worker of 1 GPU and 2 CPUs: only 0 fit on the "
+                                                  r"live nodes \(1 CPU \+ 1 GPU; 8 CPUs\)"):
+        check_resources(config, 0)
+    check_resources(dataclasses.replace(config, cpus_per_worker=1), 0)
+
+
+def test_a_pool_timeout_becomes_the_label_jobs_error():
+    config = LabelConfig(catalog="c", model="m", output="o", run_date="2026-01-01", num_gpus_per_actor=1,
+                         start_timeout=30)
+    with pytest.raises(ActorResourcesError, match=r"^4 label actors of 1 GPU and 1 CPU each did not start within "
+                                                  r"--start-timeout 30 s"), actors_started_in_time(
+            config, ActorResources(actors=4, cpus=1, threads=1)):
+        raise ray.exceptions.GetTimeoutError("Timed out while starting actors. This may mean ...")
+    with pytest.raises(ray.exceptions.GetTimeoutError, match="another wait"), actors_started_in_time(
+            config, ActorResources(actors=4, cpus=1, threads=1)):
+        raise ray.exceptions.GetTimeoutError("another wait")
+
+
+# --- on the tests' local Ray: 2 CPUs, no GPU ---------------------------------------------------------------------
+
+
+def test_gpu_actors_on_a_ray_without_gpus_are_refused_before_any_work(ray_local):
+    config = LabelConfig(catalog="c", model="m", output="o", run_date="2026-01-01", num_gpus_per_actor=1)
+    with pytest.raises(ActorResourcesError, match=r"^4 label actors of 1 GPU and 1 CPU each: the cluster has "
+                                                  r"0 GPUs: the job would wait forever"):
+        resolve_actor_resources(dataclasses.replace(config, actors=4))
+    with pytest.raises(ActorResourcesError, match=r"^1 label actor of 1 GPU and 1 CPU: the cluster has 0 GPUs"):
+        resolve_actor_resources(config)  # the default pool: the cluster's GPUs, at least one actor
+    training = TrainJobConfig(catalog="c", storage_path="s", name="n", num_workers=2, use_gpu=True)
+    with pytest.raises(TrainResourcesError, match=r"^2 Ray Train workers of 1 GPU and 1 CPU each: the cluster "
+                                                  r"has 0 GPUs"):
+        check_resources(training, 0)
+
+
+@ray.remote(num_cpus=2)
+class CpuHolder:
+    """Another job's actor that holds the local Ray's 2 CPUs."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_training_workers_that_cannot_be_placed_fail_within_the_start_timeout(ray_local, tmp_path):
+    catalog = write_sample_parts(tmp_path, 40, 1, seed=5)
+    config = TrainJobConfig(catalog=catalog, storage_path=str(tmp_path / "runs"), name="held", arch="cnn",
+                            epochs=1, num_workers=1, cpus_per_worker=1, image_size=32, val_fraction=0.25,
+                            start_timeout=2)
+    holder = CpuHolder.remote()
+    try:
+        assert ray.get(holder.ready.remote(), timeout=DEADLINE_SECONDS)
+        with pytest.raises(TrainResourcesError, match=r"^1 Ray Train worker of 1 CPU could not be placed within "
+                                                      r"--start-timeout 2 s \(2 tries\)"):
+            run_training(config)  # fits the cluster, but another job holds its CPUs
+    finally:
+        ray.kill(holder)
+    wait_until(lambda: ray.available_resources().get("CPU", 0) == 2, "the held CPUs are free again")
+
+
+# --- on a Ray node of its own with one logical GPU -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu_node() -> Iterator[HeadNode]:
+    with head_node("--num-gpus=1") as node:
+        yield node
+
+
+def on_node(node: HeadNode, code: str) -> str:
+    """Run `code` in a driver of its own on the node; its stdout."""
+    done = subprocess.run([sys.executable, "-c", code], env=node_env(RAY_ADDRESS=node.address), cwd=REPO,
+                          capture_output=True, text=True, timeout=DEADLINE_SECONDS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+RESOLVE_ON_NODE = """
+import dataclasses, json, ray
+from genre_pipeline.label.pipeline import ActorResourcesError, LabelConfig, resolve_actor_resources
+ray.init(log_to_driver=False)
+config = LabelConfig(catalog="c", model="m", output="o", run_date="2026-01-01", num_gpus_per_actor=1,
+                     start_timeout=1)
+def outcome(**changes):
+    try:
+        return dataclasses.asdict(resolve_actor_resources(dataclasses.replace(config, **changes)))
+    except ActorResourcesError as error:
+        return str(error)
+print(json.dumps({"default": outcome(), "one": outcome(actors=1), "two": outcome(actors=2),
+                  "two halves": outcome(actors=2, num_gpus_per_actor=0.5), "cpus": outcome(cpus_per_actor=2)}))
+"""
+
+
+@pytest.mark.slow
+def test_a_gpu_pool_that_fits_is_sized_and_one_that_does_not_is_refused(gpu_node):
+    found = json.loads(on_node(gpu_node, RESOLVE_ON_NODE).strip().splitlines()[-1])
+    assert found["default"] == found["one"] == {"actors": 1, "cpus": 1.0, "threads": 1}
+    assert found["two halves"] == {"actors": 2, "cpus": 1.0, "threads": 1}
+    assert found["two"].startswith("2 label actors of 1 GPU and 1 CPU each: the cluster has 1 GPU:"), found
+    # the node's 2 CPUs: the actor's 2 leave none for Ray Data's tasks
+    assert found["cpus"].startswith("1 label actor of 1 GPU and 2 CPUs beside the 1 CPU Ray Data's tasks need: "
+                                    "the cluster has 2 CPUs"), found
+
+
+@pytest.fixture(scope="module")
+def label_inputs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("gpu-pool")
+    return {"catalog": write_sample_parts(root, 8, 1, seed=3), "model": save_random_model(root / "model"),
+            "output": str(root / "labels")}
+
+
+def label_on_gpus(node: HeadNode, inputs: dict[str, str], *flags: str) -> subprocess.CompletedProcess:
+    return node.run_job("label_catalog", "--catalog", inputs["catalog"], "--model", inputs["model"],
+                        "--output", inputs["output"], "--run-date", "2026-01-01", "--num-gpus-per-actor", "1",
+                        *flags)
+
+
+@pytest.mark.slow
+def test_the_label_job_refuses_a_gpu_pool_the_cluster_cannot_hold_with_exit_2(gpu_node, label_inputs):
+    # a joined cluster: the job waits --start-timeout for nodes to join, then gives up
+    done = label_on_gpus(gpu_node, label_inputs, "--actors", "2", "--start-timeout", "3")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "2 label actors of 1 GPU and 1 CPU each: the cluster has 1 GPU" in done.stderr, done.stderr[-3000:]
+
+
+HOLD_THE_GPU = """
+import ray
+ray.init(log_to_driver=False)
+@ray.remote(num_gpus=1, num_cpus=0)
+class Holder:
+    def ready(self):
+        return True
+holder = Holder.options(name="gpu-holder", lifetime="detached").remote()
+print(ray.get(holder.ready.remote()))
+"""
+RELEASE_THE_GPU = "import ray; ray.init(log_to_driver=False); ray.kill(ray.get_actor('gpu-holder'))"
+
+
+@pytest.mark.slow
+def test_a_gpu_pool_held_by_another_job_fails_within_the_start_timeout(gpu_node, label_inputs):
+    """The pool fits the cluster, but another job holds its GPU: Ray Data would wait for the actor forever."""
+    assert on_node(gpu_node, HOLD_THE_GPU).strip().endswith("True")
+    try:
+        done = label_on_gpus(gpu_node, label_inputs, "--actors", "1", "--start-timeout", "5")
+    finally:
+        on_node(gpu_node, RELEASE_THE_GPU)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert ("1 label actor of 1 GPU and 1 CPU did not start within --start-timeout 5 s" in done.stderr
+            ), done.stderr[-3000:]
+
+
+# --- ray job submit to two nodes ---------------------------------------------------------------------------------
 
 MOVIES, PARTS = 600, 6
 # Each node offers 3 logical CPUs; an actor takes 2, so the pool of 2 lands one actor per node and each node

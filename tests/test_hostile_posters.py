@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from test_images import dds_header_only
 
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import CATALOG_SCHEMA
-from genre_pipeline.data.posters import PosterPolicy, fetch_one, read_poster
+from genre_pipeline.data.posters import PosterPolicy, fetch_one, fetch_posters, read_poster
 from genre_pipeline.data.sample import draw_poster, jpeg_bytes
 
 MAX_BYTES = 200_000
@@ -177,6 +178,39 @@ def test_fetch_errors_are_written_without_credentials(monkeypatch):
     assert error == "https://***@cdn.example/1.jpg: StorageError: https://***@cdn.example/1.jpg: unsupported " \
                     "scheme 'https'; use a local path or s3://bucket/prefix"
     assert storage.redact("key s3cr3t-value in http://a:b@host/x") == "key *** in http://***@host/x"
+
+
+@pytest.fixture
+def refusing_endpoint():
+    """An S3 endpoint URL on 127.0.0.1 that refuses connections: a socket bound but never listening."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{bound.getsockname()[1]}"
+
+
+def test_the_error_column_carries_no_credential_of_any_form(refusing_endpoint, monkeypatch):
+    """Each URI holds credentials in one form; the fetch fails and the library echoes the URI its own way."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTKEY")  # signing happens before connecting
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-Zq8Rk2")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # a refused connection fails at once, not after retries
+    password = "Pw0rd/Tail@x:y%2Fz"
+    uris = [f"s3://AKIAUSER:{password}@bucket/1.jpg",
+            "s3://bucket/2.jpg?X-Amz-Credential=AKIAEXAMPLE%2F20261130%2Fus-east-1%2Fs3%2Faws4_request&"
+            "X-Amz-Security-Token=FQoGZXIvYXdzEXAMPLE&X-Amz-Expires=900&X-Amz-Signature=5d672d79c15b1316",
+            "s3://bucket/3.jpg?AWSAccessKeyId=AKIAV2EXAMPLE&Expires=1700000000&Signature=dGhp%2Bc2ln%3D",
+            "s3://bucket/4.jpg?X-Goog-Signature=0a1b2c3d4e5f&sv=2022-11-02&sig=QXp1cmVTQVM%3D"]
+    batch = fetch_posters({"poster_uri": np.array(uris, dtype=object)},
+                          options=storage.StorageOptions(endpoint_url=refusing_endpoint), policy=PosterPolicy())
+    assert list(batch["status"]) == ["fetch_failed"] * 4
+    errors = list(batch["error"])
+    assert errors[0].startswith('s3://***@bucket/1.jpg: ParamValidationError') and '"AKIAUSER:***"' in errors[0]
+    assert errors[1].startswith("s3://bucket/2.jpg?X-Amz-Credential=***&X-Amz-Security-Token=***&X-Amz-Expires=900&"
+                                "X-Amz-Signature=***: EndpointConnectionError")
+    assert errors[2].startswith("s3://bucket/3.jpg?AWSAccessKeyId=***&Expires=1700000000&Signature=***: ")
+    assert errors[3].startswith("s3://bucket/4.jpg?X-Goog-Signature=***&sv=2022-11-02&sig=***: ")
+    for secret in ("Pw0rd", "Tail@x", "AKIAEXAMPLE", "FQoGZXIvYXdzEXAMPLE", "5d672d79", "AKIAV2EXAMPLE", "dGhp",
+                   "0a1b2c3d4e5f", "QXp1cmVTQVM", "s3cr3t-value"):
+        assert not [error for error in errors if secret in error], secret
 
 
 def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):

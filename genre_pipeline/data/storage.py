@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import botocore.exceptions
 import fsspec
@@ -26,15 +26,28 @@ import pyarrow.fs as pafs
 from genre_pipeline.errors import JobInputError
 
 ALLOWED_SCHEMES = ("", "file", "s3")
-# Where check_writable puts its marker: engines and the documented `run_date=*/` glob skip `_` folders, so a
-# marker left behind by a crash between its write and its delete is never read as data.
 # Environment variables whose values are secrets: scrubbed from every StorageError message, because reasons
 # partly come from servers and libraries we do not control.
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 # What the errors of a storage call can be: OSError (local, and s3fs's translations of S3 error codes),
 # botocore's own (no connection, no credentials) and S3 error codes s3fs left untranslated.
-_URL_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 STORAGE_ERRORS = (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+# Userinfo: from `scheme://` to the last `@` of the same whitespace-free run, since a password may hold an
+# unescaped `/`, `@` or `:`. A path's own `@` is hidden too: a little context lost, never a secret shown.
+_URL_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)(\S*)@")
+# Parameters that sign or authorise a request: presigned S3 (SigV4 `X-Amz-Signature`/`-Credential`/
+# `-Security-Token`, SigV2 `Signature`/`AWSAccessKeyId`), GCS `X-Goog-Signature`, session tokens, API keys, and in a
+# query string only, Azure SAS `sig` and `key` (elsewhere `Key=` is an S3 object's name). Expiry, date, algorithm
+# and signed-headers parameters are not secret and stay readable. `%3D`/`%26`: a query string a library re-encoded;
+# `: `: the value ends where a message goes on.
+_SECRET_NAME = r"[\w.-]*(?:signature|credential|token|secret|password|passwd|accesskeyid|api[_-]?key)[\w.-]*"
+_SECRET_QUERY_NAME = rf"(?:(?<![\w.-]){_SECRET_NAME}|(?:(?<=[?&;])|(?<=%3F)|(?<=%26))(?:sig|key))"
+_SECRET_QUERY_VALUE = re.compile(rf"(?i)({_SECRET_QUERY_NAME}(?:=|%3D))((?:(?!%26|:\s|:$)[^&\s#'\"<>),;])+)")
+_SECRET_PARAMETERS = (
+    _SECRET_QUERY_VALUE,
+    re.compile(rf"(?i)([\"']{_SECRET_NAME}[\"']\s*:\s*[\"'])[^\"']+"),  # a JSON object or a dict's repr
+    re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?)[^\s\"',;]+"),
+)
 _CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the AWS profile or the node's role"
 # S3 error codes (also HTTP statuses: HEAD responses have no body, so no code) -> what they mean to a user.
 _REASON_BY_CODE = {
@@ -52,6 +65,10 @@ _REASON_BY_CODE = {
 
 class StorageError(JobInputError, RuntimeError):
     """A URI that cannot be resolved or reached; the message names the URI, never a credential."""
+
+    def __init__(self, message: str) -> None:
+        # Redacted here, so that no raise site can forget to: messages quote user-given URIs and library text.
+        super().__init__(redact(message))
 
 
 @dataclass(frozen=True)
@@ -128,15 +145,45 @@ def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:
     return fs.exists(path)
 
 
-def redact(text: str) -> str:
-    """`text` with credentials in URLs (`scheme://user:password@`) and the values of the secret AWS variables of
-    this process replaced by `***`."""
+def redact(text: str, uri: str = "") -> str:
+    """`text` with every credential replaced by `***`: URL userinfo (`scheme://user:password@`), the values of
+    signing and token parameters (presigned URLs, SAS, `Authorization`), the values of this process's secret AWS
+    variables and, given the `uri` the text is about, the credentials it holds in any form a library may have
+    echoed them (decoded, re-encoded, or cut at a `/` into a bucket name)."""
+    wholes = [os.environ.get(name, "") for name in SECRET_ENV_VARS] + uri_credentials(uri)
+    for form in _encodings(wholes):
+        text = text.replace(form, "***")
+    for form in _encodings(password_pieces(uri)):  # short: only where no letter or digit is glued to it
+        text = re.sub(rf"(?<![a-zA-Z0-9]){re.escape(form)}(?![a-zA-Z0-9])", "***", text)
     text = _URL_CREDENTIALS.sub(r"\1***@", text)
-    for name in SECRET_ENV_VARS:
-        secret = os.environ.get(name)
-        if secret:
-            text = text.replace(secret, "***")
+    for pattern in _SECRET_PARAMETERS:
+        text = pattern.sub(r"\1***", text)
     return text
+
+
+def uri_credentials(uri: str) -> list[str]:
+    """The credentials in `uri`: its userinfo, its password (or token) and its signing parameters' values."""
+    credentials = [match.group(2) for match in _SECRET_QUERY_VALUE.finditer(uri)]
+    userinfo = _URL_CREDENTIALS.match(uri)
+    if userinfo:
+        user, colon, password = userinfo.group(2).partition(":")
+        credentials += [userinfo.group(2), password if colon else user]
+    return credentials
+
+
+def password_pieces(uri: str) -> list[str]:
+    """The password (or token) of `uri` cut at each `/`, as a library that splits a path echoes it."""
+    userinfo = _URL_CREDENTIALS.match(uri)
+    if not userinfo:
+        return []
+    user, colon, password = userinfo.group(2).partition(":")
+    return (password if colon else user).split("/")
+
+
+def _encodings(secrets: list[str]) -> list[str]:
+    """Each secret as given, URL-decoded and URL-encoded; longest first, so that no piece splits a whole."""
+    forms = {form for secret in secrets if secret for form in (secret, unquote(secret), quote(secret, safe=""))}
+    return sorted(forms, key=len, reverse=True)
 
 
 def _error_code(error: BaseException) -> str | None:
@@ -148,8 +195,8 @@ def _error_code(error: BaseException) -> str | None:
     return None
 
 
-def describe_error(error: BaseException) -> str:
-    """Why a storage call failed, in words a user can act on; never a credential."""
+def describe_error(error: BaseException, uri: str = "") -> str:
+    """Why a storage call failed (on `uri`), in words a user can act on; never a credential."""
     code = _error_code(error)
     if code in _REASON_BY_CODE:
         reason = _REASON_BY_CODE[code]
@@ -164,7 +211,7 @@ def describe_error(error: BaseException) -> str:
         reason = f"permission denied: {error}"
     else:
         reason = f"{type(error).__name__}: {error}"
-    return redact(reason)
+    return redact(reason, uri)
 
 
 @contextmanager
@@ -177,7 +224,7 @@ def reporting_errors(uri: str, action: str) -> Iterator[None]:
     except STORAGE_ERRORS as error:
         # `from None`: the chained botocore error adds nothing for the user and is one more place a
         # request detail could leak into a log.
-        raise StorageError(f"{uri}: cannot {action}: {describe_error(error)}") from None
+        raise StorageError(f"{uri}: cannot {action}: {describe_error(error, uri)}") from None
 
 
 def check_readable(uri: str, options: StorageOptions = StorageOptions()) -> None:

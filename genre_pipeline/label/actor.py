@@ -21,6 +21,7 @@ from genre_pipeline import failpoints
 from genre_pipeline.data import storage
 from genre_pipeline.data.posters import Batch, PosterPolicy, decode_posters, fetch_posters
 from genre_pipeline.label.contract import to_label_table
+from genre_pipeline.model.checkpoints import PinnedModel
 from genre_pipeline.model.predictor import GenrePredictor, signal_lists
 from genre_pipeline.statuses import STATUS_INFERENCE_FAILED, STATUS_OK, STATUS_PARTIAL
 
@@ -54,16 +55,19 @@ def mark_inference_failed(batch: Batch, error: Exception, genres: int) -> Batch:
 
 
 class PosterLabeller:
-    """One model load per actor; each call: (fetch and decode,) score the `ok` rows, build the contract's rows."""
+    """One model load per actor; each call: (fetch and decode,) score the `ok` rows, build the contract's rows.
 
-    def __init__(self, checkpoint_uri: str, *, run_id: str, labelled_at: datetime, fetch_and_decode: bool,
+    The actor loads the model the driver pinned, or refuses to start: weights or a meta (thresholds) changed
+    since then would label part of the night with another model.
+    """
+
+    def __init__(self, model: PinnedModel, *, run_id: str, labelled_at: datetime, fetch_and_decode: bool,
                  device: str = "auto", precision: str = "auto", compile_model: bool = False,
                  num_threads: int | None = None, forward_batch: int | None = None,
                  storage_options: storage.StorageOptions = storage.StorageOptions(),
-                 poster_policy: PosterPolicy = PosterPolicy(), expected_sha256: str | None = None) -> None:
-        self.predictor = GenrePredictor(checkpoint_uri, storage_options=storage_options, device=device,
-                                        num_threads=num_threads, precision=precision, compile_model=compile_model,
-                                        expected_sha256=expected_sha256)
+                 poster_policy: PosterPolicy = PosterPolicy()) -> None:
+        self.predictor = GenrePredictor(model, storage_options=storage_options, device=device,
+                                        num_threads=num_threads, precision=precision, compile_model=compile_model)
         meta = self.predictor.meta
         self.label_kwargs = {"genres": meta.genres, "thresholds": meta.thresholds_for,
                              "model_version": meta.model_version, "run_id": run_id, "labelled_at": labelled_at}

@@ -12,12 +12,14 @@ from genre_pipeline import telemetry
 from genre_pipeline.genres import GENRES, labels_from_scores, score_columns, top_genres
 from genre_pipeline.model.fusion import subset_name
 
-# Hive-style partition directory under the labels root: labels/run_date=YYYY-MM-DD/*.parquet
+# The night a label row belongs to: a tag per night on the labels table, a partition key in older layouts.
 PARTITION_KEY = "run_date"
+# A digest of what a row was scored from (label/incremental.py): unchanged inputs keep the row the next night.
+INPUT_KEY = "input_key"
 
 
 def labels_schema(genres: Sequence[str] = GENRES) -> pa.Schema:
-    """One row per catalogue movie. `run_date` is not in the files: it is the partition directory."""
+    """One row per catalogue movie; the night is the table's snapshot (tagged with its run date)."""
     return pa.schema(
         [
             pa.field("movie_id", pa.int64(), nullable=False),
@@ -32,6 +34,7 @@ def labels_schema(genres: Sequence[str] = GENRES) -> pa.Schema:
             pa.field("model_version", pa.string(), nullable=False),
             pa.field("labelled_at", pa.timestamp("us", tz="UTC"), nullable=False),
             pa.field("run_id", pa.string(), nullable=False),
+            pa.field(INPUT_KEY, pa.string()),
         ]
     )
 
@@ -80,6 +83,7 @@ def to_label_table(
         "model_version": pa.array([model_version] * count, pa.string()),
         "labelled_at": pa.array([labelled_at] * count, pa.timestamp("us", tz="UTC")),
         "run_id": pa.array([run_id] * count, pa.string()),
+        INPUT_KEY: _string_array(batch.get(INPUT_KEY, np.full(count, None, dtype=object))),
     }
     table = pa.table(columns, schema=labels_schema(genres))
     telemetry.count_label_rows_written(table.num_rows)  # the last step before the writer

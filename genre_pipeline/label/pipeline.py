@@ -1,33 +1,31 @@
-"""The nightly label job as a library function: catalogue in, one committed partition of labels out."""
+"""The label job's settings and its Ray Data pipeline: catalogue rows in, label rows out (night.py commits)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import time
-import uuid
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import ray
 
-from genre_pipeline import failpoints
+from genre_pipeline import cluster
 from genre_pipeline.data import storage
-from genre_pipeline.data.catalog import catalog_dataset, count_catalog_rows
+from genre_pipeline.data.catalog import catalog_dataset
 from genre_pipeline.data.posters import DEFAULT_MAX_POSTER_BYTES, PosterPolicy, decode_posters, fetch_posters
 from genre_pipeline.errors import JobInputError
 from genre_pipeline.jobs_cli import flag, fraction, non_negative_float, positive_float, positive_int
 from genre_pipeline.jobs_cli import run_date as iso_date  # its name is in argparse's message: "invalid run_date value"
-from genre_pipeline.label.actor import PosterLabeller
-from genre_pipeline.label.commit import NightSpool, NightStore
-from genre_pipeline.label.contract import labels_schema
-from genre_pipeline.model.checkpoints import ModelMeta, PinnedModel, pin_model
-from genre_pipeline.model.fusion import POSTER
+from genre_pipeline.label import incremental
+from genre_pipeline.label.table import DEFAULT_TABLE, EMBEDDED_CATALOG, TableSettings
+from genre_pipeline.model.checkpoints import ModelMeta, PinnedModel
 from genre_pipeline.model.predictor import PRECISIONS
 from genre_pipeline.runtime import TORCH_WORKER_ENV
 from genre_pipeline.signals.join import check_tables, join_signals
-from genre_pipeline.statuses import STATUS_OK
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +47,9 @@ ACTOR_TASK_MAX_RETRIES = -1
 # More posters than this failing (fetch, decode, refusal, scoring) means a systemic fault (credentials, endpoint,
 # poster roots), not bad posters: the night is not committed.
 DEFAULT_MAX_FAILED_FRACTION = 0.2
+# A night that would drop more of the previous night's movies than this is a truncated catalogue, not a
+# catalogue team's clean-up: nothing is committed unless the run says --allow-shrink.
+DEFAULT_MAX_SHRINK_FRACTION = 0.1
 # Ray Data cuts the catalogue into blocks (repartition) in tasks that need one whole CPU (not configurable): the
 # actors on a CPU node leave one, or the job waits forever.
 IO_CPU_RESERVE = 1.0
@@ -75,9 +76,22 @@ class LabelConfig:
     model: str = field(metadata=flag(
         "checkpoint directory, or a published model folder (<storage-path>/<name>/model) whose pointer names a "
         "version; resolved once per run and its weights digest-checked"))
-    output: str = field(metadata=flag("labels root; the night goes to <output>/run_date=<date>/"))
+    output: str = field(metadata=flag(
+        "labels warehouse folder (local or s3://): new tables' data files, the embedded catalog and the staging "
+        "of nights in progress"))
     run_date: str = field(default_factory=today_utc, metadata=flag(
-        "YYYY-MM-DD partition to (re)write; default: today in UTC", type=iso_date))
+        "the night YYYY-MM-DD (its snapshot is tagged night-<date>); default: today in UTC", type=iso_date))
+    table_catalog: str = field(default=EMBEDDED_CATALOG, metadata=flag(
+        f"Iceberg catalog: '{EMBEDDED_CATALOG}' (SQLite beside a local --output), or the name of a catalog "
+        "configured in PYICEBERG_CATALOG__<NAME>__* variables or ~/.pyiceberg.yaml (REST, Glue, SQL)"))
+    table: str = field(default=DEFAULT_TABLE, metadata=flag("the labels table, namespace.name"))
+    full: bool = field(default=False, metadata=flag(
+        "score every movie, even those whose inputs did not change since the last night"))
+    max_shrink_fraction: float = field(default=DEFAULT_MAX_SHRINK_FRACTION, metadata=flag(
+        "when the night would drop more than this fraction of the previous night's movies, nothing is committed "
+        f"and the job exits 2 (default {DEFAULT_MAX_SHRINK_FRACTION:g})", type=fraction))
+    allow_shrink: bool = field(default=False, metadata=flag(
+        "commit a night that drops more movies than --max-shrink-fraction (never an empty one)"))
     batch_size: int | None = field(default=None, metadata=flag(
         f"images per forward pass; default {DEFAULT_BATCH_SIZE['cpu']} on CPU, {DEFAULT_BATCH_SIZE['cuda']} on GPU "
         "(lower it if the card runs out of memory)", type=positive_int))
@@ -94,6 +108,10 @@ class LabelConfig:
     threads_per_actor: int | None = field(default=None, metadata=flag(
         "intra-op (and decode) threads per actor; default on CPU: the node's cores shared by its actors (1 with "
         "the default --actors), with GPUs: the actor's CPUs", type=positive_int))
+    start_timeout: float = field(default=cluster.DEFAULT_START_TIMEOUT_SECONDS, metadata=flag(
+        "seconds a joined cluster may take to offer the actors' resources, and the actors to start (model load "
+        f"included); then the job exits 2, committing nothing (default {cluster.DEFAULT_START_TIMEOUT_SECONDS:g})",
+        type=positive_float))
     precision: str = field(default="auto", metadata=flag(
         "auto: bf16 autocast on GPUs, fp32 on CPUs; bf16 on CPUs is faster on AVX512-BF16 cores (1.8x for "
         "resnet50) and moves scores slightly: compare two nights with evaluate.py", choices=PRECISIONS))
@@ -101,8 +119,9 @@ class LabelConfig:
         "torch.compile the model in each actor (GPU runs)", name="--compile"))
     poster_roots: tuple[str, ...] = field(default=(), metadata=flag(
         "a local folder or s3://bucket/prefix posters may be read from (repeatable); a poster elsewhere, after "
-        "following symlinks and '..', gets status refused_poster. Default: the folder or prefix the catalogue "
-        "lies in", name="--poster-root", metavar="ROOT"))
+        "following symlinks and '..', gets status refused_poster. A local poster is then opened beneath its root "
+        "without following any symlink: one whose path changes to a symlink after the check is refused too. "
+        "Default: the folder or prefix the catalogue lies in", name="--poster-root", metavar="ROOT"))
     max_poster_bytes: int = field(default=DEFAULT_MAX_POSTER_BYTES, metadata=flag(
         f"larger posters get status refused_poster (default {DEFAULT_MAX_POSTER_BYTES:,})", type=positive_int))
     max_failed_fraction: float = field(default=DEFAULT_MAX_FAILED_FRACTION, metadata=flag(
@@ -119,6 +138,14 @@ class LabelConfig:
     @property
     def on_gpu(self) -> bool:
         return self.num_gpus_per_actor > 0
+
+    @property
+    def table_settings(self) -> TableSettings:
+        return TableSettings(self.output, self.table_catalog, self.table, self.storage_options)
+
+    @property
+    def staging(self) -> str:
+        return storage.join(self.table_settings.staging, f"run_date={self.run_date}")
 
     @property
     def given_tables(self) -> dict[str, str]:
@@ -147,33 +174,12 @@ def signal_tables(config: LabelConfig, meta: ModelMeta) -> dict[str, str]:
     return tables
 
 
-@dataclass(frozen=True)
-class LabelSummary:
-    output_uri: str
-    run_id: str
-    model_version: str
-    rows_by_status: dict[str, int]
-    seconds: float
-
-    @property
-    def rows(self) -> int:
-        return sum(self.rows_by_status.values())
-
-    @property
-    def posters_per_second(self) -> float:
-        return self.rows_by_status.get(STATUS_OK, 0) / self.seconds if self.seconds else 0.0
-
-
 def resolve_batch_size(config: LabelConfig) -> int:
     return config.batch_size or DEFAULT_BATCH_SIZE["cuda" if config.on_gpu else "cpu"]
 
 
-class ActorResourcesError(JobInputError, ValueError):
-    """Actor sizes this cluster cannot run (the job would wait forever)."""
-
-
-class FailedNightError(JobInputError, RuntimeError):
-    """Too many posters failed for the night to be published; nothing was committed."""
+class ActorResourcesError(cluster.ClusterResourcesError):
+    """Actors this cluster cannot hold, or could not start in time (the job would wait forever)."""
 
 
 @dataclass(frozen=True)
@@ -183,30 +189,53 @@ class ActorResources:
     threads: int  # intra-op threads (and, on CPUs, decode threads) of each actor
 
 
-def live_nodes() -> list[dict]:
-    return [node for node in ray.nodes() if node.get("Alive")]
-
-
-def node_cpus() -> list[float]:
-    """CPUs of each live node that has any."""
-    return [node["Resources"]["CPU"] for node in live_nodes() if node["Resources"].get("CPU")]
-
-
-def cluster_gpus() -> float:
-    return sum(node["Resources"].get("GPU", 0.0) for node in live_nodes())
-
-
 def resolve_actor_resources(config: LabelConfig, rows: int | None = None) -> ActorResources:
-    """The pool's size and each actor's CPUs and threads, from the live cluster; `rows` (the catalogue's) caps
-    the default pool size on CPUs."""
+    """The pool's size and each actor's CPUs and threads, from the live cluster, checked to fit on its nodes;
+    `rows` (the catalogue's) caps the default pool size on CPUs. A joined cluster gets --start-timeout for its
+    nodes to appear (a local Ray cannot grow)."""
+    wait = config.start_timeout if os.environ.get("RAY_ADDRESS") else 0.0
+    return cluster.within(wait, lambda: size_actors(config, cluster.live_nodes(), rows))
+
+
+def size_actors(config: LabelConfig, nodes: list[cluster.NodeResources], rows: int | None) -> ActorResources:
     if config.on_gpu:
-        actors = config.actors or max(1, int(cluster_gpus() / config.num_gpus_per_actor))
-        cpus = config.cpus_per_actor or 1.0
-        return ActorResources(actors, cpus, config.threads_per_actor or max(1, math.ceil(cpus)))
-    nodes = node_cpus()
-    if not nodes:
+        return size_gpu_actors(config, nodes)
+    cpus = [node.cpus for node in nodes if node.cpus]
+    if not cpus:
         raise ActorResourcesError("no live Ray node has CPUs to score on (give the cluster CPU workers)")
-    return size_cpu_actors(config, nodes, rows)
+    return size_cpu_actors(config, cpus, rows)
+
+
+def size_gpu_actors(config: LabelConfig, nodes: list[cluster.NodeResources]) -> ActorResources:
+    """By default as many actors as the cluster's GPUs hold; each must fit on one node with its CPUs, beside the
+    whole CPU Ray Data's read and decode tasks need."""
+    gpus = sum(node.gpus for node in nodes)
+    actors = config.actors or max(1, int(gpus / config.num_gpus_per_actor + cluster.EPSILON))
+    resources = ActorResources(actors, cpus := config.cpus_per_actor or 1.0,
+                               config.threads_per_actor or max(1, math.ceil(cpus)))
+    cluster.check_pool(actor_pool(config, resources), nodes, error=ActorResourcesError,
+                       advice="lower --actors, --num-gpus-per-actor or --cpus-per-actor, or add GPU nodes")
+    return resources
+
+
+def actor_pool(config: LabelConfig, resources: ActorResources) -> cluster.Pool:
+    return cluster.Pool("label actor", resources.actors, resources.cpus, config.num_gpus_per_actor,
+                        spare_cpus=IO_CPU_RESERVE)
+
+
+@contextlib.contextmanager
+def actors_started_in_time(config: LabelConfig, resources: ActorResources) -> Iterator[None]:
+    """Around the run: Ray Data's timeout waiting for the pool's actors (--start-timeout) becomes the job's
+    error, naming the pool."""
+    try:
+        yield
+    except ray.exceptions.GetTimeoutError as error:
+        if "starting actors" not in str(error):
+            raise
+        raise ActorResourcesError(
+            f"{actor_pool(config, resources).describe()} did not start within --start-timeout "
+            f"{config.start_timeout:g} s: other jobs hold the cluster's resources, a node was lost or is still "
+            "starting, or loading the model is slow; nothing committed") from None
 
 
 def size_cpu_actors(config: LabelConfig, nodes: list[float], rows: int | None) -> ActorResources:
@@ -215,7 +244,7 @@ def size_cpu_actors(config: LabelConfig, nodes: list[float], rows: int | None) -
 
     By default each core gets its own single-threaded actor: separate actors never wait on each other, while an
     actor's threads meet at every layer, so a decode thread or another process taking one core stalls its whole
-    forward pass (on 2 cores two cnn processes scored 265 posters/s, one process with two threads 239).
+    forward pass (docs/performance.md).
     """
     smallest = min(nodes)
     if smallest <= IO_CPU_RESERVE:
@@ -255,15 +284,36 @@ def check_storage(config: LabelConfig) -> None:
     storage.check_writable(config.output, options)
 
 
-def catalog_blocks(uri: str, options: storage.StorageOptions, tables: dict[str, str] | None = None,
-                   rows: int | None = None) -> ray.data.Dataset:
-    """The catalogue's label-job columns (with the embedding `tables` joined) in blocks of exactly
-    DECODE_BATCH_ROWS rows (the last one: the rest)."""
+@dataclass(frozen=True)
+class KnownRows:
+    """The label rows a night may keep instead of scoring: the previous night's, and this night's staged ones."""
+
+    previous: ray.data.Dataset | None = None
+    staged: ray.data.Dataset | None = None
+
+
+def catalog_rows(uri: str, options: storage.StorageOptions, tables: dict[str, str] | None = None,
+                 rows: int | None = None) -> ray.data.Dataset:
+    """The catalogue's label-job columns, with the embedding `tables` joined."""
     fs, path = storage.arrow_filesystem(uri, options)
     # The projection is pushed down into the Parquet read.
     catalog = catalog_dataset(path, fs, num_cpus=IO_TASK_CPUS).select_columns(CATALOG_COLUMNS)
     if tables:
         catalog = join_signals(catalog, tables, options, partitions=join_partitions(rows))
+    return catalog
+
+
+def catalog_blocks(config: LabelConfig, night_digest: str, known: KnownRows, tables: dict[str, str] | None = None,
+                   rows: int | None = None) -> ray.data.Dataset:
+    """Catalogue rows with their input keys and known label rows beside them, in blocks of exactly
+    DECODE_BATCH_ROWS rows (the last one: the rest)."""
+    options = config.storage_options
+    catalog = catalog_rows(config.catalog, options, tables, rows).map_batches(
+        incremental.add_input_keys, fn_kwargs={"night_digest": night_digest, "options": options},
+        batch_format="pyarrow", batch_size=DECODE_BATCH_ROWS, num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
+    partitions = join_partitions(rows)
+    catalog = incremental.join_known_rows(catalog, known.previous, incremental.PREVIOUS, partitions)
+    catalog = incremental.join_known_rows(catalog, known.staged, incremental.STAGED, partitions)
     # Small blocks, streamed: a catalogue that is one Parquet file must still feed every actor of the pool.
     # Exact sizes: a short block would be bundled with the next into one call of twice the work.
     return catalog.repartition(target_num_rows_per_block=DECODE_BATCH_ROWS, strict=True)
@@ -288,27 +338,28 @@ def catalog_folder(uri: str, options: storage.StorageOptions) -> str:
 
 def build_label_dataset(
     config: LabelConfig, model: PinnedModel, resources: ActorResources, *, run_id: str, labelled_at: datetime,
-    tables: dict[str, str] | None = None, rows: int | None = None,
+    night_digest: str, known: KnownRows, tables: dict[str, str] | None = None, rows: int | None = None,
 ) -> ray.data.Dataset:
-    """read -> [fetch (I/O tasks) -> decode (CPU tasks), on GPUs] -> PosterLabeller pool; lazy, streaming."""
+    """read -> input keys -> known rows joined -> [fetch (I/O tasks) -> decode (CPU tasks), on GPUs] ->
+    IncrementalLabeller pool; lazy, streaming."""
     with warnings.catch_warnings():
         # Ray 2.60 bounds retries and actor restarts only through `ray_remote_args`, which it marks deprecated
         # without offering named parameters for them yet.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        posters = prepare_posters(config, model, tables or {}, rows)
+        posters = prepare_posters(config, model, catalog_blocks(config, night_digest, known, tables, rows))
         return score_posters(posters, config, model, resources, run_id=run_id, labelled_at=labelled_at)
 
 
-def prepare_posters(config: LabelConfig, model: PinnedModel, tables: dict[str, str],
-                    rows: int | None) -> ray.data.Dataset:
-    posters = catalog_blocks(config.catalog, config.storage_options, tables, rows)
+def prepare_posters(config: LabelConfig, model: PinnedModel, posters: ray.data.Dataset) -> ray.data.Dataset:
     if not config.on_gpu:  # CPU actors fetch and decode their own blocks
         return posters
     # The GPU actors' own CPU could not decode fast enough: decoding scales out in tasks.
     fetch_kwargs = {"options": config.storage_options, "policy": poster_policy(config)}
     return (
-        posters.map_batches(fetch_posters, fn_kwargs=fetch_kwargs, batch_size=DECODE_BATCH_ROWS,
-                            num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
+        posters.map_batches(incremental.hide_unchanged_posters, fn_kwargs={"reuse": not config.full},
+                            batch_size=DECODE_BATCH_ROWS, num_cpus=IO_TASK_CPUS)
+        .map_batches(fetch_posters, fn_kwargs=fetch_kwargs, batch_size=DECODE_BATCH_ROWS,
+                     num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
         .map_batches(decode_posters, fn_kwargs={"image_size": model.meta.preprocess.shape},
                      batch_size=DECODE_BATCH_ROWS, max_retries=TASK_MAX_RETRIES)
     )
@@ -317,14 +368,17 @@ def prepare_posters(config: LabelConfig, model: PinnedModel, tables: dict[str, s
 def score_posters(posters: ray.data.Dataset, config: LabelConfig, model: PinnedModel, resources: ActorResources,
                   *, run_id: str, labelled_at: datetime) -> ray.data.Dataset:
     options = config.storage_options
+    # Ray Data waits for the pool's actors without end by default; bounded, see actors_started_in_time.
+    posters.context.wait_for_min_actors_s = math.ceil(config.start_timeout)
     return posters.map_batches(
-        PosterLabeller,
-        fn_constructor_kwargs={"checkpoint_uri": model.uri, "expected_sha256": model.weights_sha256,
-                               "run_id": run_id, "labelled_at": labelled_at,
+        incremental.IncrementalLabeller,
+        fn_constructor_kwargs={"model": model, "run_id": run_id, "labelled_at": labelled_at,
                                "fetch_and_decode": not config.on_gpu, "device": "cuda" if config.on_gpu else "cpu",
                                "precision": config.precision, "compile_model": config.compile_model,
                                "num_threads": resources.threads, "forward_batch": resolve_batch_size(config),
-                               "storage_options": options, "poster_policy": poster_policy(config)},
+                               "storage_options": options, "poster_policy": poster_policy(config),
+                               "staging": config.staging, "reuse": not config.full},
+        batch_format="pyarrow",
         # Two calls at once per actor: one prepares its batch (on CPUs: fetch and decode) or builds its label
         # rows while the other scores (see actor.model_lock). No more: Ray Data's default queues two more
         # blocks behind a busy actor, where they wait while other actors run out of work at the run's end.
@@ -339,42 +393,3 @@ def score_posters(posters: ray.data.Dataset, config: LabelConfig, model: PinnedM
         max_task_retries=ACTOR_TASK_MAX_RETRIES,
         runtime_env={"env_vars": TORCH_WORKER_ENV},
     )
-
-
-def check_failures(spool: NightSpool, max_fraction: float) -> None:
-    """Refuse to publish a night in which more than `max_fraction` of the posters failed."""
-    if spool.posters and spool.failed_posters / spool.posters > max_fraction:
-        failed = dict(sorted(spool.failed_by_status.items()))
-        raise FailedNightError(
-            f"{spool.failed_posters} of {spool.posters} posters failed ({failed}; first error: {spool.first_error}), "
-            f"more than --max-failed-fraction {max_fraction:g}: a systemic fault (credentials, endpoint, poster "
-            "roots?). Nothing committed; the previous labels of this night, if any, stay.")
-
-
-def label_catalog(config: LabelConfig) -> LabelSummary:
-    """Label every catalogue row and commit the night; nothing is committed on failure.
-
-    The model is resolved and its digest checked once, here: every actor loads that exact checkpoint.
-    """
-    started = time.monotonic()
-    check_storage(config)
-    model = pin_model(config.model, config.storage_options)  # fails before any work when unusable or tampered
-    failpoints.reached("model.pinned")
-    tables = signal_tables(config, model.meta)
-    expected_rows = count_catalog_rows(config.catalog, config.storage_options)
-    resources = resolve_actor_resources(config, expected_rows)  # a pool that could never run fails before any work
-    run_id = f"{config.run_date}-{uuid.uuid4().hex[:8]}"
-    store = NightStore(config.output, config.run_date, run_id, config.storage_options)
-    seen = store.current_version()  # the commit happens only if the night is still this version
-    labels = build_label_dataset(config, model, resources, run_id=run_id, labelled_at=datetime.now(timezone.utc),
-                                 tables=tables, rows=expected_rows)
-    spool = store.open_spool(labels_schema(model.meta.genres), poster_signal=POSTER in model.meta.signals)
-    with store.hold_spool(spool):
-        for block in labels.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            spool.write(block)
-        rows_by_status = spool.close(expected_rows)
-        failpoints.reached("commit.spooled")
-        check_failures(spool, config.max_failed_fraction)
-        store.commit(spool.path, seen)
-    return LabelSummary(store.partition_uri, run_id, model.meta.model_version, rows_by_status,
-                        time.monotonic() - started)

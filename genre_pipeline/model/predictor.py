@@ -18,7 +18,7 @@ from genre_pipeline import telemetry
 from genre_pipeline.data import storage
 from genre_pipeline.data.tensors import to_model_input
 from genre_pipeline.model.backbones import LITE_VARIANTS, fold_lite_batch_norms
-from genre_pipeline.model.checkpoints import ModelMeta, load_checkpoint
+from genre_pipeline.model.checkpoints import ModelMeta, PinnedModel, load_checkpoint, load_pinned
 from genre_pipeline.model.fusion import POSTER
 from genre_pipeline.runtime import KEEP_FREED_BYTES
 from genre_pipeline.signals.join import embedding_column, signal_matrix
@@ -151,18 +151,24 @@ def is_run(rows: np.ndarray) -> bool:
 
 
 class GenrePredictor:
-    """Loads the checkpoint once; each call scores the `ok` rows of a batch and drops the image column."""
+    """Loads the checkpoint once; each call scores the `ok` rows of a batch and drops the image column.
 
-    def __init__(self, checkpoint_uri: str, *, storage_options: storage.StorageOptions = storage.StorageOptions(),
-                 device: str = "auto", num_threads: int | None = None, precision: str = "auto",
-                 compile_model: bool = False, expected_sha256: str | None = None) -> None:
+    `checkpoint` is a job's `PinnedModel` (exactly those bytes, or an error) or a URI (what it means now).
+    """
+
+    def __init__(self, checkpoint: str | PinnedModel, *,
+                 storage_options: storage.StorageOptions = storage.StorageOptions(), device: str = "auto",
+                 num_threads: int | None = None, precision: str = "auto", compile_model: bool = False) -> None:
         self.device = resolve_device(device)
         self.threads = num_threads or actor_cpu_count()
         self._use_threads()
         if self.device.type == "cpu":
             reuse_freed_memory()
         self.autocast_dtype = autocast_dtype(precision, self.device)
-        model, self.meta = load_checkpoint(checkpoint_uri, storage_options, expected_sha256=expected_sha256)
+        if isinstance(checkpoint, PinnedModel):
+            model, self.meta = load_pinned(checkpoint, storage_options)
+        else:
+            model, self.meta = load_checkpoint(checkpoint, storage_options)
         self.model = fold_batch_norms(model.eval(), self.meta.arch).to(self.device, memory_format=torch.channels_last)
         if compile_model:  # minutes of compilation per actor: worth it only for long runs on GPUs
             self.model = torch.compile(self.model)

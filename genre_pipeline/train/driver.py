@@ -6,18 +6,23 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
+from genre_pipeline import cluster
 from genre_pipeline.data import storage
 from genre_pipeline.errors import ConfigError, JobInputError
 from genre_pipeline.evaluate.metrics import THRESHOLD_OBJECTIVES
 from genre_pipeline.genres import GENRES
-from genre_pipeline.jobs_cli import flag
+from genre_pipeline.jobs_cli import flag, positive_float
 from genre_pipeline.model.architectures import ARCHS, PRETRAINED_ARCHS, default_preprocess, weights_source
 from genre_pipeline.model.checkpoints import META_FILE, ModelMeta, publish_checkpoint
 from genre_pipeline.runtime import TORCH_WORKER_ENV
@@ -52,16 +57,19 @@ MAX_WORKER_FAILURES = 3
 # Ray Data decodes the posters beside the workers: it needs a CPU the workers do not reserve.
 DATA_CPU_RESERVE = 1.0
 # How long a joined cluster may take to offer the workers' resources (KubeRay worker pods still starting).
-RESOURCE_WAIT_SECONDS = 300
-POLL_SECONDS = 2.0
+RESOURCE_WAIT_SECONDS = cluster.DEFAULT_START_TIMEOUT_SECONDS
+# A start that could not place the workers (or lost one while they started) is retried this many times; then
+# the run fails, instead of Ray Train's default of retrying for ever.
+MAX_START_FAILURES = 1
 # Settings a resumed run must share with its checkpoints: the others would be ignored (optimizer state and
 # schedule come from the checkpoint) or would train a different model.
 RESUME_FIXED = ("arch", "data_fingerprint", "image_size", "lr", "weight_decay", "head_lr", "head_epochs",
                 "backbone_lr_scale", "batch_size", "class_weighting", "seed", "threshold_objective")
 
 
-class TrainResourcesError(JobInputError, ValueError):
-    """Worker sizes the cluster cannot run beside Ray Data's decoding: the run would wait forever."""
+class TrainResourcesError(cluster.ClusterResourcesError):
+    """Workers the cluster cannot hold beside Ray Data's decoding, or could not place in time: the run would
+    wait forever."""
 
 
 class ResumeMismatchError(JobInputError, ValueError):
@@ -115,6 +123,10 @@ class TrainJobConfig:
         "BCE with per-genre positive weights sqrt(neg/pos) against imbalance (helps macro-F1)",
         action=argparse.BooleanOptionalAction))
     seed: int = field(default=0, metadata=flag("torch seed"))
+    start_timeout: float = field(default=cluster.DEFAULT_START_TIMEOUT_SECONDS, metadata=flag(
+        "seconds a joined cluster may take to offer the workers' resources, and Ray Train to place the workers "
+        f"at each (re)start; then the run fails with exit 2 (default {cluster.DEFAULT_START_TIMEOUT_SECONDS:g})",
+        type=positive_float))
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)  # the storage flags'
 
     @property
@@ -180,31 +192,65 @@ def loop_config(config: TrainJobConfig, train_rows, val_rows) -> LoopConfig:
     )
 
 
-def check_resources(config: TrainJobConfig, wait_seconds: float) -> None:
-    """Refuse worker sizes that leave Ray Data no CPU, or that no node can hold; a joined cluster gets
-    `wait_seconds` for its nodes to appear first."""
-    needed_cpus = config.num_workers * config.cpus_per_worker + DATA_CPU_RESERVE
-    deadline = time.monotonic() + wait_seconds
-    while True:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        cpus, gpus = sum(n.get("CPU", 0.0) for n in nodes), sum(n.get("GPU", 0.0) for n in nodes)
-        largest = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
-        enough = (cpus >= needed_cpus and largest >= config.cpus_per_worker
-                  and (not config.use_gpu or gpus >= config.num_workers))
-        if enough:
-            return
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(POLL_SECONDS)
-    fitting = max(0.1, (cpus - DATA_CPU_RESERVE) / config.num_workers)
-    raise TrainResourcesError(
-        f"--num-workers {config.num_workers} x --cpus-per-worker {config.cpus_per_worker:g} "
-        f"{'(and a GPU each) ' if config.use_gpu else ''}needs {needed_cpus:g} CPUs with the "
-        f"{DATA_CPU_RESERVE:g} Ray Data decodes posters on, but the cluster has {cpus:g} CPUs and {gpus:g} GPUs: "
-        f"the run would wait forever. Try --cpus-per-worker {fitting:.2g} or fewer workers.")
+class TrainWorkers(Protocol):
+    """The worker settings both training jobs' configs share."""
+
+    num_workers: int
+    cpus_per_worker: float
+    use_gpu: bool
 
 
-def latest_checkpoint_meta(config: TrainJobConfig) -> ModelMeta | None:
+def worker_pool(config: TrainWorkers) -> cluster.Pool:
+    return cluster.Pool("Ray Train worker", config.num_workers, config.cpus_per_worker,
+                        1.0 if config.use_gpu else 0.0, spare_cpus=DATA_CPU_RESERVE)
+
+
+def check_resources(config: TrainWorkers, wait_seconds: float) -> None:
+    """Refuse workers that no node can hold with their CPUs (and GPU), or that leave Ray Data no CPU for its
+    decoding; a joined cluster gets `wait_seconds` for its nodes to appear first."""
+    advice = (f"lower --num-workers {config.num_workers} or --cpus-per-worker {config.cpus_per_worker:g}"
+              f"{', drop --use-gpu' if config.use_gpu else ''}, or add nodes")
+    cluster.within(wait_seconds, lambda: cluster.check_pool(worker_pool(config), cluster.live_nodes(),
+                                                            advice=advice, error=TrainResourcesError))
+
+
+def failure_config() -> ray.train.FailureConfig:
+    """Worker failures restart the workers from the last checkpoint; a start that cannot place them fails."""
+    return ray.train.FailureConfig(max_failures=MAX_WORKER_FAILURES, controller_failure_limit=MAX_START_FAILURES)
+
+
+def fit_within(trainer: TorchTrainer, config: TrainWorkers, start_timeout: float) -> ray.train.Result:
+    """`trainer.fit()`, each start of its workers bounded by `start_timeout` seconds (the trainer needs
+    `failure_config()`): workers that cannot be placed (other jobs hold the resources, a node was lost) fail the
+    run with TrainResourcesError instead of Ray Train's retrying for ever."""
+    # Ray Train hands this variable from the driver to its controller, which reads it at each start.
+    previous = os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
+    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = f"{start_timeout:g}"
+    try:
+        return trainer.fit()
+    except ray.train.ControllerError as error:
+        if not isinstance(error.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        raise TrainResourcesError(
+            f"{worker_pool(config).describe()} could not be placed within --start-timeout {start_timeout:g} s "
+            f"({MAX_START_FAILURES + 1} tries): other jobs hold the resources, or a node was lost and not replaced"
+        ) from None
+    finally:
+        if previous is None:
+            os.environ.pop(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, None)
+        else:
+            os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = previous
+
+
+class TrainRun(Protocol):
+    """Where a training job keeps a run: both training jobs' configs are one."""
+
+    storage_path: str
+    name: str
+    storage_options: storage.StorageOptions
+
+
+def latest_checkpoint_meta(config: TrainRun) -> ModelMeta | None:
     """The meta of the run's newest checkpoint, if the run name has any (a resume)."""
     fs, root = storage.fsspec_filesystem(storage.join(config.storage_path, config.name), config.storage_options)
     try:
@@ -217,22 +263,36 @@ def latest_checkpoint_meta(config: TrainJobConfig) -> ModelMeta | None:
     return None
 
 
-def check_resume(config: TrainJobConfig, loop: LoopConfig) -> None:
-    """A run name resumes only with the data and settings its checkpoints were made with."""
+def checkpoint_settings(meta: ModelMeta) -> dict:
+    """What made a checkpoint, as resume checks compare it: data, input size, recipe, and a fusion model's
+    signals and the versions of its embedding tables."""
+    tables = meta.fusion.get("embeddings", {})
+    return {"arch": meta.arch, "data_fingerprint": meta.data_fingerprint, "image_size": meta.preprocess.image_size,
+            "threshold_objective": meta.threshold_objective, "signals": list(meta.signals),
+            "embeddings": {signal: tables[signal]["version"] for signal in sorted(tables)}, **meta.recipe}
+
+
+def check_settings_unchanged(config: TrainRun, now: dict, fixed: Sequence[str]) -> None:
+    """Refuse to resume a run whose newest checkpoint was made with other values of the `fixed` settings
+    (those a checkpoint from before a setting was recorded lacks are not compared)."""
     saved = latest_checkpoint_meta(config)
     if saved is None:
         return
-    now = {"arch": loop.arch, "data_fingerprint": loop.data_fingerprint, "image_size": loop.preprocess.image_size,
-           "threshold_objective": loop.threshold_objective, **recipe_of(loop)}
-    was = {"arch": saved.arch, "data_fingerprint": saved.data_fingerprint, "image_size": saved.preprocess.image_size,
-           "threshold_objective": saved.threshold_objective, **saved.recipe}
-    changed = [f"{key}: {was[key]!r} -> {now[key]!r}" for key in RESUME_FIXED
+    was = checkpoint_settings(saved)
+    changed = [f"{key}: {was[key]!r} -> {now.get(key)!r}" for key in fixed
                if key in was and was[key] != now.get(key)]
     if changed:
         raise ResumeMismatchError(
             f"run {config.name!r} in {config.storage_path} was trained with other settings or data "
             f"({'; '.join(changed)}); resuming would mix them. Re-run with its settings, or start a new run "
             "with another --name.")
+
+
+def check_resume(config: TrainJobConfig, loop: LoopConfig) -> None:
+    """A run name resumes only with the data and settings its checkpoints were made with."""
+    now = {"arch": loop.arch, "data_fingerprint": loop.data_fingerprint, "image_size": loop.preprocess.image_size,
+           "threshold_objective": loop.threshold_objective, **recipe_of(loop)}
+    check_settings_unchanged(config, now, RESUME_FIXED)
 
 
 def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
@@ -244,7 +304,7 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
     loop = loop_config(config, train_rows, val_rows)
     check_resume(config, loop)
     # A Ray this job started itself cannot grow; a joined cluster may still be adding nodes.
-    check_resources(config, RESOURCE_WAIT_SECONDS if os.environ.get("RAY_ADDRESS") else 0)
+    check_resources(config, config.start_timeout if os.environ.get("RAY_ADDRESS") else 0)
     logger.info("training on %d posters, validating on %d", train_rows.num_rows, val_rows.num_rows)
     size = loop.preprocess.shape
 
@@ -265,7 +325,7 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=path, storage_filesystem=fs,
             worker_runtime_env={"env_vars": TORCH_WORKER_ENV},
-            failure_config=ray.train.FailureConfig(max_failures=MAX_WORKER_FAILURES),
+            failure_config=failure_config(),
             # Keep the best epoch (what gets published) and the latest (what resuming needs).
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=loop.monitor, checkpoint_score_order="max"),
@@ -315,7 +375,7 @@ def publish_best(result: ray.train.Result, config: TrainJobConfig, monitor: str)
 
 def run_training(config: TrainJobConfig) -> TrainSummary:
     trainer, loop = build_trainer(config)
-    result = trainer.fit()
+    result = fit_within(trainer, config, config.start_timeout)
     return publish_best(result, config, loop.monitor)
 
 

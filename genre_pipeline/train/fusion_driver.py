@@ -38,6 +38,7 @@ from genre_pipeline.train.driver import (
     TrainSummary,
     WholeValidationSplit,
     check_resources,
+    check_settings_unchanged,
     publish_best,
 )
 from genre_pipeline.train.fusion_loop import (
@@ -52,6 +53,12 @@ logger = logging.getLogger(__name__)
 
 FUSION_COLUMNS = ["movie_id", "poster_uri", "genres"]
 ROWS_PER_BLOCK = 64
+# The head's recipe, as the checkpoint's meta records it (fusion_loop.fusion_meta).
+RECIPE = ("hidden", "dropout", "signal_dropout", "epochs", "patience", "lr", "weight_decay", "seed")
+# Settings a re-run of a run name must share with its checkpoint. Each run trains the head from scratch, but
+# Ray Train keeps the run's best checkpoint and publish_best picks among them: a checkpoint of other data,
+# tables or settings could be published in place of the new one. So every setting that makes the model is fixed.
+RESUME_FIXED = ("arch", "data_fingerprint", "image_size", "threshold_objective", "signals", "embeddings", *RECIPE)
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,9 @@ class FusionJobConfig:
 
     catalog: str = field(metadata=flag("catalogue Parquet (local or s3://)"))
     storage_path: str = field(metadata=flag("where Ray Train keeps runs and checkpoints"))
-    name: str = field(metadata=flag("run name; the model goes to <storage-path>/<name>/model"))
+    name: str = field(metadata=flag(
+        "run name; the model goes to <storage-path>/<name>/model. A name is re-run only with the settings, data "
+        "and embedding tables it was trained with"))
     title_embeddings: str | None = field(default=None, metadata=flag(
         "title embedding version folder (jobs/embed_titles.py); adds the title signal"))
     ratings_embeddings: str | None = field(default=None, metadata=flag(
@@ -162,6 +171,15 @@ def loop_config(config: FusionJobConfig, metas: dict[str, EmbeddingMeta], train:
         storage_options=config.storage_options)
 
 
+def check_resume(config: FusionJobConfig, loop: FusionLoopConfig) -> None:
+    """A run name is re-run only with the data, tables and settings its checkpoint was made with."""
+    now = {"arch": loop.arch, "data_fingerprint": loop.data_fingerprint, "image_size": loop.preprocess.image_size,
+           "threshold_objective": loop.threshold_objective, "signals": list(loop.signals),
+           "embeddings": {signal: loop.embeddings[signal]["version"] for signal in sorted(loop.embeddings)},
+           **{name: getattr(loop, name) for name in RECIPE}}
+    check_settings_unchanged(config, now, RESUME_FIXED)
+
+
 class WholeShards(WholeValidationSplit):
     """Both datasets split whole across the workers: each rank caches its part and all ranks gather it."""
 
@@ -175,6 +193,7 @@ def build_trainer(config: FusionJobConfig) -> TorchTrainer:
     if val_rows.num_rows == 0:
         raise ConfigError(f"{config.catalog}: --val-fraction {config.val_fraction} leaves no validation rows")
     loop = loop_config(config, metas, train_rows, val_rows)
+    check_resume(config, loop)
     check_resources(config, RESOURCE_WAIT_SECONDS if os.environ.get("RAY_ADDRESS") else 0)
     logger.info("fusion of %s: training on %d movies, validating on %d", "+".join(loop.signals),
                 train_rows.num_rows, val_rows.num_rows)
