@@ -1,8 +1,12 @@
 """Score a night's labels against the catalogue's true genres: the study's table, per-genre metrics, plots.
 
     python jobs/evaluate.py --labels out/labels --catalog out/sample/catalog.parquet --split test
+    python jobs/evaluate.py --labels s3://bucket/labels --table-catalog shared --run-date 2024-05-01 \\
+        --catalog s3://bucket/catalog.parquet
 
-Reads `<labels>/run_date=<date>/*.parquet` (default: the latest night) and the catalogue, joins them on
+Reads one night of the label job's Iceberg table (`--labels`, `--table-catalog` and `--table` as the label
+job was given them, a named catalog configured by the same PYICEBERG_CATALOG__<NAME>__* variables; `--run-date`
+picks the snapshot tagged night-<date>, default the table's current one) and the catalogue, joins them on
 movie_id and keeps the catalogue rows of `--split` (`all`: every row). The model's F1 uses the labels' predicted
 `genres` (the checkpoint's thresholds), its mAP@K the `score_<genre>` columns; the frequency prior (genre shares
 of the catalogue's train rows, threshold 0.3) is scored on the same rows. Rows that cannot be scored (no label

@@ -90,3 +90,18 @@ def write_sample_parts(root: Path, movies: int, parts: int, *, seed: int) -> str
     for part in range(parts):
         write_catalog(table.slice(part * rows, rows), str(root / "catalog" / f"part-{part:02d}.parquet"))
     return str(root / "catalog")
+
+
+def labels_table(output: Path | str):
+    """The label job's Iceberg table under `output` (its embedded catalog)."""
+    from genre_pipeline.label.table import TableSettings, load_table
+
+    return load_table(TableSettings(str(output)))
+
+
+def read_night(output: Path | str, run_date: str | None = None):
+    """The rows of the night `run_date` (default: the latest) of the labels table under `output`."""
+    from genre_pipeline.label.table import night_snapshot
+
+    table = labels_table(output)
+    return table.scan(snapshot_id=night_snapshot(table, run_date).snapshot_id).to_arrow()

@@ -5,11 +5,13 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import load_job
+from conftest import labels_table, load_job
+from pyiceberg.io.pyarrow import _dataframe_to_data_files
 
 from genre_pipeline.data.catalog import CATALOG_SCHEMA
 from genre_pipeline.genres import GENRES, column_name
 from genre_pipeline.label.contract import labels_schema
+from genre_pipeline.label.table import EMBEDDED_CATALOG_FILE, TableSettings, commit_night, nights, open_table
 
 evaluate_job = load_job("evaluate")
 
@@ -39,6 +41,8 @@ LABELS = {
     7: ("ok", {"Drama": 0.9}, ["Drama"]),
     11: ("ok", {"Western": 0.9}, ["Western"]),
 }
+WITHOUT_WESTERN = [g for g in GENRES if g != "Western"]
+SCHEMA = labels_schema()
 
 
 def write_catalog(path, rows=CATALOG, schema=CATALOG_SCHEMA):
@@ -58,21 +62,26 @@ def label_row(movie_id, status, scores, predicted, genres):
     }
 
 
-def write_labels(root, run_date, rows=LABELS, genres=GENRES, drop=()):
-    table = pa.Table.from_pylist([label_row(i, *row, genres) for i, row in rows.items()], schema=labels_schema(genres))
-    (root / f"run_date={run_date}").mkdir(parents=True)
-    pq.write_table(table.drop_columns(list(drop)), root / f"run_date={run_date}" / "part-0.parquet")
-    return str(root)
+def label_rows(rows=LABELS, genres=GENRES):
+    return [label_row(i, *row, genres) for i, row in rows.items()]
+
+
+def write_night(settings, run_date, rows, schema=SCHEMA):
+    """Commit `rows` as the night `run_date` of the table as the label job does: data files written apart, then
+    one snapshot that replaces the previous night's rows, tagged night-<run_date>. Its snapshot id."""
+    table = open_table(settings, schema)
+    data = pa.Table.from_pylist(rows, schema=schema)
+    files = list(_dataframe_to_data_files(table_metadata=table.metadata, df=data, io=table.io))
+    return commit_night(table, table.current_snapshot(), files, run_date, {"genre-pipeline.run-id": run_date})
 
 
 @pytest.fixture
 def inputs(tmp_path):
-    labels = tmp_path / "labels"
-    write_labels(labels, LATEST)
-    # an older night where every poster failed: the default must pick the latest partition instead
-    write_labels(labels, OLDER, {i: ("fetch_failed", None, None) for i in LABELS})
-    (labels / "_staging").mkdir()  # a stray folder (as an older release staged runs in) is not a partition
-    return {"labels": str(labels), "catalog": write_catalog(tmp_path / "catalog.parquet"), "out": tmp_path / "out"}
+    labels = TableSettings(str(tmp_path / "labels"))
+    # an older night where every poster failed: the default must pick the latest night instead
+    write_night(labels, OLDER, label_rows({i: ("fetch_failed", None, None) for i in LABELS}))
+    write_night(labels, LATEST, label_rows())
+    return {"labels": labels.warehouse, "catalog": write_catalog(tmp_path / "catalog.parquet"), "out": tmp_path / "out"}
 
 
 def run(inputs, *extra):
@@ -84,6 +93,10 @@ def test_report_values(inputs, capsys):
     assert run(inputs) == 0
     report = json.loads((inputs["out"] / "report.json").read_text())
     assert report["run_date"] == LATEST and report["model_versions"] == ["cnn-test"]
+    current = labels_table(inputs["labels"]).current_snapshot().snapshot_id
+    assert nights(labels_table(inputs["labels"]))[LATEST] == current
+    assert report["labels"] == {"table": "genre_pipeline.labels", "catalog": "embedded",
+                                "warehouse": inputs["labels"], "snapshot_id": current}
     assert report["rows"] == {"in_split": 6, "evaluated": 3, "excluded": {
         "no_label_row": 1, "status": {"missing_poster": 1}, "no_true_genres": 1}}
     model = report["model"]
@@ -110,6 +123,7 @@ def test_report_values(inputs, capsys):
     markdown = (inputs["out"] / "report.md").read_text()
     assert "| frequency prior |" in markdown and "1 without a label row" in markdown
     assert "1 missing_poster" in markdown and markdown in capsys.readouterr().out
+    assert f"table `genre_pipeline.labels` (catalog `embedded`), night {LATEST} (snapshot {current}; " in markdown
     for name in ("genre_distribution.png", "per_genre_f1.png"):
         assert (inputs["out"] / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -130,22 +144,60 @@ def expect_failure(inputs, caplog, *needles, extra=()):
 
 
 def test_older_night_without_scorable_rows_fails(inputs, caplog):
-    expect_failure(inputs, caplog, f"run_date={OLDER}", "'fetch_failed': 5", extra=("--run-date", OLDER))
+    older = nights(labels_table(inputs["labels"]))[OLDER]
+    expect_failure(inputs, caplog, f"genre_pipeline.labels night {OLDER} (snapshot {older})", "'fetch_failed': 5",
+                   extra=("--run-date", OLDER))
+
+
+def test_the_default_is_the_current_snapshot_and_run_date_reads_a_night_by_its_tag(inputs):
+    rescored = {i: ("ok", {"Drama": 0.9}, ["Drama"]) for i in LABELS}  # every movie Drama
+    rerun = write_night(TableSettings(inputs["labels"]), OLDER, label_rows(rescored))  # the older night, re-run last
+    assert run(inputs) == 0
+    report = json.loads((inputs["out"] / "report.json").read_text())
+    assert (report["run_date"], report["labels"]["snapshot_id"]) == (OLDER, rerun)
+    assert report["model"]["map_at_1"] == pytest.approx(1 / 4)  # of movies 1-4 (all ok now) only 2 is a Drama
+    assert run(inputs, "--run-date", LATEST) == 0
+    report = json.loads((inputs["out"] / "report.json").read_text())
+    assert report["labels"]["snapshot_id"] == nights(labels_table(inputs["labels"]))[LATEST] != rerun
+    assert report["model"]["map_at_1"] == pytest.approx(2 / 3)  # the latest night's scores, as above
 
 
 def test_missing_run_date_fails(inputs, caplog):
-    expect_failure(inputs, caplog, "no partition run_date=2023-01-01", extra=("--run-date", "2023-01-01"))
+    expect_failure(inputs, caplog, "no night 2023-01-01", f"nights: ['{OLDER}', '{LATEST}']",
+                   extra=("--run-date", "2023-01-01"))
 
 
-def test_empty_labels_dir_fails(inputs, tmp_path, caplog):
+def test_folder_without_labels_table_fails_and_stays_empty(inputs, tmp_path, caplog):
     (tmp_path / "empty").mkdir()
     inputs = {**inputs, "labels": str(tmp_path / "empty")}
-    expect_failure(inputs, caplog, "empty", "no run_date=YYYY-MM-DD partitions")
+    expect_failure(inputs, caplog, "empty", f"no labels table (no embedded catalog {EMBEDDED_CATALOG_FILE})")
+    assert list((tmp_path / "empty").iterdir()) == []  # opening the catalog would have created its file
 
 
-def test_labels_file_missing_column_fails(inputs, tmp_path, caplog):
-    inputs = {**inputs, "labels": write_labels(tmp_path / "bad_labels", LATEST, drop=["status"])}
-    expect_failure(inputs, caplog, "part-0.parquet", "['status']")
+def test_table_without_a_night_fails(inputs, tmp_path, caplog):
+    open_table(TableSettings(str(tmp_path / "new")), SCHEMA)
+    expect_failure(inputs | {"labels": str(tmp_path / "new")}, caplog, "no night committed yet")
+
+
+def test_embedded_catalog_on_s3_is_refused(inputs, caplog):
+    expect_failure(inputs | {"labels": "s3://bucket/labels"}, caplog, "s3://bucket/labels",
+                   "the embedded SQLite catalog needs a local output folder", "--table-catalog NAME")
+
+
+def test_labels_missing_column_fails(inputs, tmp_path, caplog):
+    schema = SCHEMA.remove(SCHEMA.get_field_index("status"))
+    settings = TableSettings(str(tmp_path / "bad_labels"))
+    snapshot_id = write_night(settings, LATEST, label_rows(), schema)
+    expect_failure(inputs | {"labels": settings.warehouse}, caplog,
+                   f"genre_pipeline.labels night {LATEST} (snapshot {snapshot_id})",
+                   "labels missing required column(s) ['status']")
+
+
+def test_duplicate_movie_ids_fail(inputs, tmp_path, caplog):
+    settings = TableSettings(str(tmp_path / "twice"))
+    write_night(settings, LATEST, [*label_rows(), *label_rows({2: LABELS[2]})])
+    expect_failure(inputs | {"labels": settings.warehouse}, caplog, f"night {LATEST}",
+                   "column 'movie_id' has duplicates")
 
 
 def test_catalog_missing_column_fails(inputs, tmp_path, caplog):
@@ -154,12 +206,55 @@ def test_catalog_missing_column_fails(inputs, tmp_path, caplog):
     expect_failure(inputs, caplog, "no_genres.parquet", "['genres']")
 
 
-def test_catalog_genre_not_scored_by_labels_fails(inputs, tmp_path, caplog):
-    # labels of a model without Western: the catalogue's movie 11 is a Western
-    scored = [g for g in GENRES if g != "Western"]
+def write_night_without_western(settings, *, earlier_model_scored_it):
+    """The latest night of a model without Western; the table may have a Western column from an earlier model's
+    night (columns stay when a model drops a genre), null in this night."""
+    if earlier_model_scored_it:
+        write_night(settings, OLDER, label_rows())
     rows = {i: row for i, row in LABELS.items() if i != 11}
-    inputs = {**inputs, "labels": write_labels(tmp_path / "no_western", LATEST, rows, genres=scored)}
-    expect_failure(inputs, caplog, "catalog.parquet", "['Western']", "movie_id 11")
+    write_night(settings, LATEST, label_rows(rows, WITHOUT_WESTERN), labels_schema(WITHOUT_WESTERN))
+    return settings.warehouse
+
+
+@pytest.mark.parametrize("earlier_model_scored_it", [False, True])
+def test_catalog_genre_not_scored_by_labels_fails(inputs, tmp_path, caplog, earlier_model_scored_it):
+    # the catalogue's movie 11 is a Western
+    labels = write_night_without_western(TableSettings(str(tmp_path / "no_western")),
+                                         earlier_model_scored_it=earlier_model_scored_it)
+    expect_failure(inputs | {"labels": labels}, caplog, "catalog.parquet", "['Western']", "movie_id 11")
+
+
+def test_a_genre_only_an_earlier_model_scored_is_not_evaluated(inputs, tmp_path):
+    labels = write_night_without_western(TableSettings(str(tmp_path / "no_western")), earlier_model_scored_it=True)
+    table = labels_table(labels)
+    assert column_name("Western") in table.schema().column_names  # the earlier night's column stays
+    catalog = write_catalog(tmp_path / "no_11.parquet", {i: row for i, row in CATALOG.items() if i != 11})
+    assert run(inputs | {"labels": labels, "catalog": catalog}) == 0
+    report = json.loads((inputs["out"] / "report.json").read_text())
+    assert report["genres"] == WITHOUT_WESTERN and report["rows"]["evaluated"] == 3
+    assert report["model"]["map_at_1"] == pytest.approx(2 / 3)
+
+
+def test_a_named_catalog_and_table(inputs, tmp_path, monkeypatch):
+    """--table-catalog and --table as the cluster's label job gets them: a catalog configured in
+    PYICEBERG_CATALOG__<NAME>__* variables (here SQL on SQLite, as a shared Postgres would be)."""
+    import pyiceberg.catalog
+    from pyiceberg.utils.config import Config
+
+    warehouse = tmp_path / "warehouse"
+    warehouse.mkdir()
+    monkeypatch.setenv("PYICEBERG_CATALOG__SHARED__TYPE", "sql")
+    monkeypatch.setenv("PYICEBERG_CATALOG__SHARED__URI", f"sqlite:///{tmp_path}/shared.db")
+    monkeypatch.setenv("PYICEBERG_CATALOG__SHARED__WAREHOUSE", f"file://{warehouse}")
+    monkeypatch.setattr(pyiceberg.catalog, "_ENV_CONFIG", Config())  # pyiceberg reads them once, at import
+    snapshot_id = write_night(TableSettings(str(warehouse), "shared", "movies.labels"), LATEST, label_rows())
+    named = inputs | {"labels": str(warehouse)}
+    assert run(named, "--table-catalog", "shared", "--table", "movies.labels") == 0
+    report = json.loads((inputs["out"] / "report.json").read_text())
+    assert report["labels"] == {"table": "movies.labels", "catalog": "shared", "warehouse": str(warehouse),
+                                "snapshot_id": snapshot_id}
+    assert report["run_date"] == LATEST and report["rows"]["evaluated"] == 3
+    assert not (warehouse / EMBEDDED_CATALOG_FILE).exists()
 
 
 def test_split_without_rows_fails(inputs, caplog):

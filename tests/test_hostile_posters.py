@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, load_job, save_random_model
+from conftest import REPO, load_job, read_night, save_random_model
 from PIL import Image
 from test_images import dds_header_only
 
@@ -89,7 +89,7 @@ def test_every_hostile_poster_gets_a_status_and_the_night_commits(ray_local, hos
         "--catalog", hostile["catalog"], "--model", hostile["model"], "--output", str(output),
         "--run-date", "2026-11-30", "--max-poster-bytes", str(MAX_BYTES)])
     assert code == 0
-    night = pq.read_table(output / "run_date=2026-11-30" / "labels.parquet").to_pylist()
+    night = read_night(output, "2026-11-30").to_pylist()
     assert {row["movie_id"]: row["status"] for row in night} == hostile["expected"]
     errors = {row["movie_id"]: row["error"] for row in night}
     assert "outside the poster roots" in errors[106] and "outside the poster roots" in errors[107]
@@ -143,7 +143,7 @@ def test_the_hostile_night_commits_under_a_memory_limit_within_a_time_bound(host
     finally:
         job.kill()
     assert job.returncode == 0, log[-3000:]
-    night = pq.read_table(output / "run_date=2026-11-30" / "labels.parquet").to_pylist()
+    night = read_night(output, "2026-11-30").to_pylist()
     assert {row["movie_id"]: row["status"] for row in night} == hostile["expected"]
     oom = dict(line.split() for line in (memory_cgroup / "memory.oom_control").read_text().splitlines())
     assert oom.get("oom_kill", "0") == "0", f"a process of the job was OOM-killed: {oom}"

@@ -99,10 +99,12 @@ def test_a_path_component_swapped_for_a_symlink_after_the_check_is_refused(opene
     monkeypatch.setenv(DIR_ENV_VAR, str(pauses))
     with ThreadPoolExecutor(max_workers=1) as pool:
         result = pool.submit(fetch, tree["poster"], tree)
-        wait_for(pauses / "poster.checked.reached")  # the roots check passed on the real path
-        (tree["root"] / swapped).rename(tmp_path / "moved-away")
-        (tree["root"] / swapped).symlink_to(tree["outside"] / swapped)
-        (pauses / "poster.checked.release").touch()
+        try:
+            wait_for(pauses / "poster.checked.reached")  # the roots check passed on the real path
+            (tree["root"] / swapped).rename(tmp_path / "moved-away")
+            (tree["root"] / swapped).symlink_to(tree["outside"] / swapped)
+        finally:  # a paused thread left behind would hang the pool's shutdown
+            (pauses / "poster.checked.release").touch()
         data, status, error = result.result(timeout=PAUSE_SECONDS)
     assert (data, status) == (None, "refused_poster")
     assert error == f"{tree['poster']}: refused: a symlink on its path, which changed after the roots check"

@@ -1,9 +1,10 @@
 """The evaluation report: a night's labels joined with the catalogue's true genres, scored, rendered.
 
-Reads `<labels>/run_date=<date>/*.parquet` and the catalogue, keeps the catalogue rows of a split, scores the model
-(F1 from the labels' predicted `genres`, mAP@K from the `score_<genre>` columns) and the frequency prior on the
-same rows, and renders report.md, report.json and the plots in memory: a bad input leaves nothing written. Rows
-that cannot be scored (no label row, a status other than `ok`, no true genres) are counted, never dropped silently.
+Reads one night of the label job's Iceberg table (the snapshot its tag `night-<date>` names, or the table's
+current one) and the catalogue, keeps the catalogue rows of a split, scores the model (F1 from the labels'
+predicted `genres`, mAP@K from the `score_<genre>` columns) and the frequency prior on the same rows, and renders
+report.md, report.json and the plots in memory: a bad input leaves nothing written. Rows that cannot be scored
+(no label row, a status other than `ok`, no true genres) are counted, never dropped silently.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Snapshot
 
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import is_validation, read_catalog, validate_schema
@@ -37,6 +38,20 @@ from genre_pipeline.evaluate.tables import render_per_genre_table, render_summar
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, UnknownGenreError, column_name, encode_many
 from genre_pipeline.jobs_cli import flag
 from genre_pipeline.label.contract import PARTITION_KEY
+from genre_pipeline.label.table import (
+    DEFAULT_TABLE,
+    EMBEDDED_CATALOG,
+    EMBEDDED_CATALOG_FILE,
+    RUN_DATE_PROPERTY,
+    NoNightError,
+    TableSettings,
+    catalog_properties,
+    load_table,
+    night_properties,
+    night_snapshot,
+    night_tag,
+    nights,
+)
 from genre_pipeline.model.checkpoints import CheckpointError, read_meta
 from genre_pipeline.model.fusion import POSTER, subset_name
 from genre_pipeline.statuses import STATUS_OK, STATUS_PARTIAL
@@ -47,8 +62,8 @@ ALL_SPLITS = "all"
 TRAIN_SPLIT = "train"  # the prior's genre shares come from these catalogue rows
 VALIDATION_SPLIT = "validation"
 LABEL_COLUMNS = ("movie_id", "genres", "status")  # plus at least one score_<genre> column
-OPTIONAL_LABEL_COLUMNS = ("signals",)  # absent in nights written before it existed
-PARTITION_DIR = re.compile(rf"^{PARTITION_KEY}=(\d{{4}}-\d{{2}}-\d{{2}})$")
+OPTIONAL_LABEL_COLUMNS = ("signals",)  # absent in tables written before it existed
+SCORED_STATUSES = (STATUS_OK, STATUS_PARTIAL)  # a fusion model's partial_signals rows are scored too
 TRUE_GENRES, PREDICTED = "true_genres", "predicted_genres"
 
 
@@ -66,11 +81,17 @@ def run_date_arg(text: str) -> str:
 class EvaluateConfig:
     """The evaluation job's settings; each field's metadata is its flag in jobs/evaluate.py."""
 
-    labels: str = field(metadata=flag("labels root with run_date=YYYY-MM-DD/*.parquet (local or s3://)"))
+    labels: str = field(metadata=flag(
+        "the label job's --output: the labels warehouse folder (local or s3://), where the embedded catalog lives"))
     catalog: str = field(metadata=flag("catalogue Parquet file or directory (local or s3://)"))
     split: str = field(default="test", metadata=flag(f"catalogue split to evaluate; '{ALL_SPLITS}' for every row"))
     run_date: str | None = field(default=None, metadata=flag(
-        "labels partition YYYY-MM-DD; default: the latest present", type=run_date_arg))
+        "the night YYYY-MM-DD, by its snapshot's tag night-<date>; default: the latest night (the table's current "
+        "snapshot)", type=run_date_arg))
+    table_catalog: str = field(default=EMBEDDED_CATALOG, metadata=flag(
+        f"the label job's --table-catalog: '{EMBEDDED_CATALOG}' (SQLite in a local --labels folder), or the name "
+        "of a catalog configured in PYICEBERG_CATALOG__<NAME>__* variables or ~/.pyiceberg.yaml"))
+    table: str = field(default=DEFAULT_TABLE, metadata=flag("the label job's --table, namespace.name"))
     out: str | None = field(default=None, metadata=flag(
         "output directory (local or s3://); default: evaluation/run_date=<date>/split=<split>"))
     val_fraction: float | None = field(default=None, metadata=flag(
@@ -80,6 +101,30 @@ class EvaluateConfig:
         "the checkpoint that wrote these labels (local or s3://): the report then shows its backbone, initial "
         "weights, preprocessing, thresholds and recipe"))
     storage_options: storage.StorageOptions = storage.StorageOptions()  # the storage flags'
+
+    @property
+    def table_settings(self) -> TableSettings:
+        return TableSettings(self.labels, self.table_catalog, self.table, self.storage_options)
+
+
+@dataclass(frozen=True)
+class Night:
+    """One night of the labels table: the columns evaluation needs, and which snapshot they are."""
+
+    table: str
+    run_date: str
+    snapshot_id: int
+    rows: pa.Table
+    genres: list[str]  # the night's vocabulary, in GENRES order
+
+    @property
+    def source(self) -> str:
+        return night_source(self.table, self.run_date, self.snapshot_id)
+
+
+def night_source(table: str, run_date: str, snapshot_id: int) -> str:
+    """What error messages about a night's rows name."""
+    return f"{table} night {run_date} (snapshot {snapshot_id})"
 
 
 @dataclass(frozen=True)
@@ -101,49 +146,64 @@ def mark_validation_rows(catalog: pa.Table, val_fraction: float) -> pa.Table:
     return catalog.set_column(catalog.schema.get_field_index("split"), "split", splits)
 
 
-def partition_dates(labels: str, options: storage.StorageOptions) -> list[str]:
-    """The run dates present under the labels root, oldest first (ISO dates sort as strings)."""
-    fs, root = storage.arrow_filesystem(labels, options)
-    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    matches = (PARTITION_DIR.match(e.base_name) for e in entries if e.type == pafs.FileType.Directory)
-    return sorted(m.group(1) for m in matches if m)
+def open_labels_table(config: EvaluateConfig) -> Table:
+    """The label job's table. An embedded catalog is looked for before it is opened: opening one creates its
+    SQLite file, and evaluation writes nothing into the labels folder."""
+    settings = config.table_settings
+    catalog_file = storage.join(settings.warehouse, EMBEDDED_CATALOG_FILE)
+    if (settings.catalog == EMBEDDED_CATALOG and not storage.is_remote(settings.warehouse)
+            and not storage.exists(catalog_file, settings.options)):
+        raise NoNightError(f"{config.labels}: no labels table (no embedded catalog {EMBEDDED_CATALOG_FILE}): give "
+                           "the label job's --output, and its --table-catalog if it used a named catalog")
+    return load_table(settings)
 
 
-def resolve_run_date(config: EvaluateConfig) -> str:
-    dates = partition_dates(config.labels, config.storage_options)
-    if not dates:
-        raise EvaluationInputError(f"{config.labels}: no {PARTITION_KEY}=YYYY-MM-DD partitions")
-    if config.run_date is None:
-        return dates[-1]
-    if config.run_date not in dates:
-        raise EvaluationInputError(f"{config.labels}: no partition {PARTITION_KEY}={config.run_date}; has {dates}")
-    return config.run_date
+def snapshot_run_date(table: Table, snapshot: Snapshot) -> str:
+    """The night a snapshot holds: its tag's date, else the run date its summary records."""
+    tagged = sorted(date for date, snapshot_id in nights(table).items() if snapshot_id == snapshot.snapshot_id)
+    run_date = tagged[-1] if tagged else night_properties(snapshot).get(RUN_DATE_PROPERTY)
+    if run_date is None:
+        raise NoNightError(f"{'.'.join(table.name())}: the current snapshot {snapshot.snapshot_id} is not a night "
+                           f"of the label job (no {night_tag('YYYY-MM-DD')} tag): give --run-date")
+    return run_date
 
 
-def label_genres(schema: pa.Schema) -> list[str]:
-    """The labels' vocabulary: the genres whose score column is present, in GENRES order."""
-    return [genre for genre in GENRES if column_name(genre) in schema.names]
+def label_genres(names: list[str]) -> list[str]:
+    """The genres whose score column is present, in GENRES order."""
+    return [genre for genre in GENRES if column_name(genre) in names]
 
 
-def read_labels(partition: str, options: storage.StorageOptions) -> tuple[pa.Table, list[str]]:
-    """Every file of the partition, after checking each one has the columns evaluation needs."""
-    fs, path = storage.arrow_filesystem(partition, options)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    if not dataset.files:
-        raise EvaluationInputError(f"{partition}: no Parquet files in the partition")
-    for fragment in dataset.get_fragments():
-        schema = fragment.physical_schema
-        missing = [name for name in LABEL_COLUMNS if name not in schema.names]
-        if missing or not label_genres(schema):
-            missing = missing or ["score_<genre> (none of them)"]
-            raise EvaluationInputError(f"{fragment.path}: labels file missing required column(s) {missing}")
-    genres = label_genres(dataset.schema)
-    optional = [name for name in OPTIONAL_LABEL_COLUMNS if name in dataset.schema.names]
-    table = dataset.to_table(columns=[*LABEL_COLUMNS, "model_version", *optional, *(column_name(g) for g in genres)])
-    ids = table.column("movie_id")
+def night_genres(rows: pa.Table) -> list[str]:
+    """The night's vocabulary: the genres whose score column its scored rows fill. The table keeps the score
+    columns of every model that wrote to it (schema evolution only adds columns), so an earlier model's genre
+    can be a column that is null all night; a night without scored rows keeps every column's genre."""
+    present = label_genres(rows.column_names)
+    scored = rows.filter(pc.fill_null(pc.is_in(rows.column("status"), value_set=pa.array(SCORED_STATUSES)), False))
+    filled = [genre for genre in present if scored.column(column_name(genre)).null_count < scored.num_rows]
+    return filled or present
+
+
+def read_night(config: EvaluateConfig) -> Night:
+    """The night's label rows, after checking its schema has the columns evaluation needs and one row per movie."""
+    table = open_labels_table(config)
+    snapshot = night_snapshot(table, config.run_date)
+    run_date = config.run_date or snapshot_run_date(table, snapshot)
+    scan = table.scan(snapshot_id=snapshot.snapshot_id)  # projected on the schema the night was written with
+    names = [column.name for column in scan.projection().fields]
+    source = night_source(config.table, run_date, snapshot.snapshot_id)
+    missing = [name for name in LABEL_COLUMNS if name not in names]
+    if missing or not label_genres(names):
+        missing = missing or ["score_<genre> (none of them)"]
+        raise EvaluationInputError(f"{source}: labels missing required column(s) {missing}")
+    optional = [name for name in OPTIONAL_LABEL_COLUMNS if name in names]
+    rows = scan.select(*LABEL_COLUMNS, "model_version", *optional,
+                       *(column_name(g) for g in label_genres(names))).to_arrow()
+    ids = rows.column("movie_id")
     if len(pc.unique(ids)) != len(ids):
-        raise EvaluationInputError(f"{partition}: column 'movie_id' has duplicates; one row per movie expected")
-    return table, genres
+        raise EvaluationInputError(f"{source}: column 'movie_id' has duplicates; one row per movie expected")
+    genres = night_genres(rows)
+    rows = rows.select([*LABEL_COLUMNS, "model_version", *optional, *(column_name(g) for g in genres)])
+    return Night(config.table, run_date, snapshot.snapshot_id, rows, genres)
 
 
 def read_eval_catalog(config: EvaluateConfig) -> pa.Table:
@@ -189,7 +249,7 @@ def join_labels(rows: pa.Table, labels: pa.Table) -> pa.Table:
 def scorable_rows(joined: pa.Table) -> tuple[pa.Table, dict[str, int], int]:
     """Scored rows (status ok, or a fusion model's partial_signals) with at least one true genre; the others
     counted by status, and without truth."""
-    scored_statuses = pa.array([STATUS_OK, STATUS_PARTIAL])
+    scored_statuses = pa.array(SCORED_STATUSES)
     ok = pc.fill_null(pc.is_in(joined.column("status"), value_set=scored_statuses), False)  # null: not scored
     not_ok = joined.filter(pc.invert(ok)).column("status").to_pylist()
     by_status = {str(status): not_ok.count(status) for status in sorted(set(not_ok), key=str)}
@@ -325,12 +385,13 @@ def status_text(by_status: dict[str, int]) -> str:
 
 
 def render_markdown(report: dict, model: MetricsReport, prior: dict | None) -> str:
-    rows, excluded = report["rows"], report["rows"]["excluded"]
+    rows, excluded, labels = report["rows"], report["rows"]["excluded"], report["labels"]
     table_rows = {"model": model.summary(), **({"frequency prior": prior["metrics"].summary()} if prior else {})}
     return "\n".join([
-        f"# Genre labels vs catalogue: split {report['split']!r}, {PARTITION_KEY}={report['run_date']}",
+        f"# Genre labels vs catalogue: split {report['split']!r}, night {report['run_date']}",
         "",
-        f"Labels `{report['labels_partition']}` (model {', '.join(report['model_versions'])}), "
+        f"Labels: table `{labels['table']}` (catalog `{labels['catalog']}`), night {report['run_date']} "
+        f"(snapshot {labels['snapshot_id']}; model {', '.join(report['model_versions'])}); "
         f"catalogue `{report['catalog']}`.",
         "",
         f"{rows['in_split']} catalogue rows in the split, {rows['evaluated']} evaluated. Not evaluated: "
@@ -373,7 +434,8 @@ def figures(train_y: np.ndarray, rows: EvalRows, model: MetricsReport, split: st
 
 def check_storage(config: EvaluateConfig) -> None:
     """Fail fast, naming the URI, when an input cannot be read or `--out` written (endpoint, credentials, bucket,
-    prefix), before the evaluation's work."""
+    prefix), or the embedded catalog is asked of an s3:// --labels, before the evaluation's work."""
+    catalog_properties(config.table_settings)
     storage.check_readable(config.labels, config.storage_options)
     storage.check_readable(config.catalog, config.storage_options)
     if config.out:
@@ -388,22 +450,23 @@ def write_outputs(out: str, files: dict[str, bytes], options: storage.StorageOpt
 
 def evaluate(config: EvaluateConfig) -> tuple[str, dict[str, bytes]]:
     """Read, check, score, render: everything in memory, so that a bad input leaves nothing written."""
-    run_date = resolve_run_date(config)
-    partition = storage.join(config.labels, f"{PARTITION_KEY}={run_date}")
-    labels, genres = read_labels(partition, config.storage_options)
+    night = read_night(config)
+    labels, genres = night.rows, night.genres
     catalog = read_eval_catalog(config)
     if config.val_fraction is not None:
         catalog = mark_validation_rows(catalog, config.val_fraction)
     check_catalog_genres(catalog, genres, config.catalog)
     split_rows = select_split(catalog, config.split, config.catalog)
-    rows = eval_rows(split_rows, labels, genres, partition)
+    rows = eval_rows(split_rows, labels, genres, night.source)
     train_y = train_truth(catalog, genres)
     model = evaluate_scores(rows.y_true, rows.scores, rows.predicted, genres)
     prior = prior_report(train_y, rows, genres)
     model_versions = sorted(map(str, pc.unique(labels.column("model_version")).to_pylist()))
     card = model_card(config, model_versions) if config.model else None
     report = {
-        "labels_partition": partition, "run_date": run_date, "catalog": config.catalog, "split": config.split,
+        "labels": {"table": night.table, "catalog": config.table_catalog, "warehouse": config.labels,
+                   "snapshot_id": night.snapshot_id},
+        "run_date": night.run_date, "catalog": config.catalog, "split": config.split,
         "model_versions": model_versions,
         "genres": genres,
         "rows": {"in_split": split_rows.num_rows, "evaluated": len(rows.y_true), "excluded": rows.excluded},
@@ -411,7 +474,7 @@ def evaluate(config: EvaluateConfig) -> tuple[str, dict[str, bytes]]:
         "by_signals": metrics_by_signals(rows),
         "frequency_prior": {**prior, "metrics": prior["metrics"].to_dict()} if prior else None,
     }
-    out = config.out or storage.join("evaluation", f"{PARTITION_KEY}={run_date}", f"split={config.split}")
+    out = config.out or storage.join("evaluation", f"{PARTITION_KEY}={night.run_date}", f"split={config.split}")
     files = {"report.md": render_markdown(report, model, prior).encode(),
              "report.json": json.dumps(report, indent=2, allow_nan=False).encode()}
     return out, {**files, **figures(train_y, rows, model, config.split, genres)}
