@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo_out
 RUN_DATE ?= $(shell date -u +%F)
+NEXT_DATE ?= $(shell date -u -d tomorrow +%F)
 # The demo's sample: 800 movies with posters of real poster size (300x450). The recipe for real posters
 # (a pretrained EfficientNet-Lite0, head on cached features, then the whole network) at 128 px and with a
 # faster head, by 2 Ray Train workers that share this machine's CPUs with Ray Data's decoding.
@@ -32,6 +33,9 @@ demo: install
 	$(PY) jobs/evaluate.py --labels $(DEMO)/labels --catalog $(DEMO)/sample/catalog.parquet --split test \
 		--model $(DEMO)/runs/demo-lite0/model --out $(DEMO)/evaluation
 	$(PY) jobs/query_labels.py --labels $(DEMO)/labels --query latest --limit 5
+	@echo "The next night: nothing changed, so nothing is scored; every row is carried over."
+	$(PY) jobs/label_catalog.py --catalog $(DEMO)/sample/catalog.parquet --model $(DEMO)/runs/demo-lite0/model \
+		--output $(DEMO)/labels --run-date $(NEXT_DATE)
 
 # The venv's bin first on PATH: tests run its command-line tools (ray, hadolint) as a user's shell would.
 test: install

@@ -22,9 +22,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,19 +39,18 @@ from genre_pipeline.data.catalog import write_catalog  # noqa: E402
 from genre_pipeline.data.images import PreprocessSpec, decode_poster  # noqa: E402
 from genre_pipeline.data.sample import build_sample_catalog  # noqa: E402
 from genre_pipeline.genres import GENRES  # noqa: E402
+from genre_pipeline.label.night import label_catalog  # noqa: E402
 from genre_pipeline.label.pipeline import (  # noqa: E402
     ActorResources,
     LabelConfig,
-    label_catalog,
     resolve_actor_resources,
     resolve_batch_size,
 )
 from genre_pipeline.model.architectures import build_model, default_preprocess  # noqa: E402
 from genre_pipeline.model.checkpoints import ModelMeta, load_checkpoint, save_checkpoint  # noqa: E402
-from genre_pipeline.model.predictor import (
-    PRECISIONS,  # noqa: E402
-    GenrePredictor,  # noqa: E402
-)
+from genre_pipeline.model.predictor import PRECISIONS, GenrePredictor  # noqa: E402
+
+MIB = 2**20
 
 
 class PeakRss:
@@ -111,15 +110,16 @@ def make_inputs(root: Path, arch: str, posters: int, *, model: bool = True) -> t
 
 
 def job_config(catalog: str, model: str, out: Path, args: argparse.Namespace) -> LabelConfig:
-    """The label job exactly as `jobs/label_catalog.py` would run it with these flags."""
+    """The label job exactly as `jobs/label_catalog.py --full` would run it with these flags: every run scores
+    every poster (a repeated night would otherwise carry the unchanged rows over)."""
     return LabelConfig(catalog=catalog, model=model, output=str(out / "labels"), run_date="2026-01-01",
-                       batch_size=args.batch_size, actors=args.actors, precision=args.precision)
+                       batch_size=args.batch_size, actors=args.actors, precision=args.precision, full=True)
 
 
 def ceiling(config: LabelConfig, resources: ActorResources) -> float:
     """(a) The model alone on preloaded, decoded posters, as one PosterLabeller actor runs it (same threads,
-    batch size and precision), times the job's actors (two single-threaded processes scoring at once on this
-    2-core machine each kept their speed: cnn 132 and 133 posters/s against 132 alone)."""
+    batch size and precision), times the job's actors: single-threaded processes scoring at once each keep the
+    speed of one alone (docs/performance.md)."""
     predictor = GenrePredictor(config.model, num_threads=resources.threads, precision=config.precision)
     size, batch_size = predictor.spec.shape, resolve_batch_size(config)
     uris = [u for u in pq.read_table(config.catalog, columns=["poster_uri"])["poster_uri"].to_pylist() if u]
@@ -183,22 +183,26 @@ def start_up_seconds(root: Path, model: str, args: argparse.Namespace, actors: i
 def in_fresh_process(function: Callable[..., float], *args: object) -> float:
     """Run (a) or (b) in a process of its own. (c)'s driver is this process and its peak RSS counts it: what the
     ceiling's preloaded posters leave in this heap would count in (c), and again in each of the peer's DataLoader
-    workers forked from it in (b) (cnn, 5000 posters: (c) 7526 and (b) 9972 MiB, against 4789 and 4112)."""
+    workers forked from it in (b) (docs/performance.md, Memory)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
+
+
+def measured_line(name: str, rate: float, peak_bytes: int) -> str:
+    return f"{name:<40} {rate:8.1f} posters/s   peak RSS {peak_bytes / MIB:8.0f} MiB"
 
 
 def measured(name: str, run: Callable[[], float]) -> tuple[float, int]:
     with PeakRss() as rss:
         rate = run()
-    print(f"{name:<40} {rate:8.1f} posters/s   peak RSS {rss.peak / 2**20:8.0f} MiB", flush=True)
+    print(measured_line(name, rate, rss.peak), flush=True)
     return rate, rss.peak
 
 
 def measure_all(config: LabelConfig, resources: ActorResources, catalog: str, model: str, root: Path,
                 args: argparse.Namespace) -> tuple[float, list[tuple[float, float]], int]:
-    """(b), then (a) and (c) --repeats times in turn (this VM's speed drifts between minutes: each (c) is
-    compared with the ceiling measured just before it); returns (b), the (a, c) pairs and (c)'s peak RSS."""
+    """(b), then (a) and (c) --repeats times in turn (a VM's speed drifts between minutes: each (c) is compared
+    with the ceiling measured just before it); returns (b), the (a, c) pairs and (c)'s peak RSS."""
     pairs, peak = [], 0
     a, _ = measured("(a) ceiling: model alone", lambda: in_fresh_process(ceiling, config, resources))
     b, _ = measured("(b) peer: DataLoader + PIL, fp32",
@@ -216,22 +220,51 @@ def measure_all(config: LabelConfig, resources: ActorResources, catalog: str, mo
     return b, pairs, peak
 
 
-def ratios_line(label: str, b: float, pairs: list[tuple[float, float]]) -> str:
-    """(c) and its ratios to (a) and (b); with several runs, medians (and each run's (c)/(a))."""
-    ratios = [c / a for a, c in pairs]
-    median_c = statistics.median(c for _, c in pairs)
-    runs = f" (runs: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
-    return (f"{label}(c) = {median_c:.1f} posters/s: (c)/(a) = {statistics.median(ratios):.2f}{runs}   "
-            f"(c)/(b) = {median_c / b:.2f}")
+@dataclass(frozen=True)
+class Ratios:
+    """(c) against (a) and (b) over one or more runs."""
+
+    rate: float  # median (c), posters/s
+    to_ceiling: float  # median of the runs' (c)/(a)
+    runs: tuple[float, ...]  # each run's (c)/(a), against the ceiling measured just before it
+    to_peer: float  # median (c) / (b)
+
+
+def ratios(b: float, pairs: Sequence[tuple[float, float]]) -> Ratios:
+    """The (a, c) pairs' ratios; medians, so one disturbed run moves them least."""
+    runs = tuple(c / a for a, c in pairs)
+    rate = statistics.median(c for _, c in pairs)
+    return Ratios(rate, statistics.median(runs), runs, rate / b)
+
+
+def ratios_line(label: str, found: Ratios) -> str:
+    """(c) and its ratios to (a) and (b); with several runs, each run's (c)/(a) too."""
+    runs = f" (runs: {', '.join(f'{r:.2f}' for r in found.runs)})" if len(found.runs) > 1 else ""
+    return (f"{label}(c) = {found.rate:.1f} posters/s: (c)/(a) = {found.to_ceiling:.2f}{runs}   "
+            f"(c)/(b) = {found.to_peer:.2f}")
+
+
+def steady_pairs(pairs: Sequence[tuple[float, float]], fixed: float,
+                 scored: int) -> list[tuple[float, float]] | None:
+    """Each run's (a), and its (c) with the job's fixed cost taken out of its time; None when a run took no
+    longer than that cost (too few posters to tell)."""
+    remaining = [scored / c - fixed for _, c in pairs]  # seconds each run spent past its fixed cost
+    if min(remaining) <= 0:
+        return None
+    return [(a, scored / seconds) for (a, _), seconds in zip(pairs, remaining, strict=True)]
 
 
 def without_start_up(b: float, pairs: list[tuple[float, float]], fixed: float, scored: int) -> str:
     """The ratios with the job's fixed cost taken out of each run's time, or why they cannot be."""
-    remaining = [scored / c - fixed for _, c in pairs]  # seconds each run spent past its fixed cost
-    if min(remaining) <= 0:
+    steady = steady_pairs(pairs, fixed, scored)
+    if steady is None:
         return "a run took no longer than that: too few posters to measure the job without it"
-    steady = [(a, scored / seconds) for (a, _), seconds in zip(pairs, remaining, strict=True)]
-    return ratios_line("without it ", b, steady)
+    return ratios_line("without it ", ratios(b, steady))
+
+
+def rss_line(rss_n: int, rss_10n: int) -> str:
+    """Peak RSS at N and 10N posters: streaming keeps their ratio near 1."""
+    return f"peak RSS at N {rss_n / MIB:.0f} MiB, at 10N {rss_10n / MIB:.0f} MiB: ratio {rss_10n / rss_n:.2f}"
 
 
 def main() -> None:
@@ -260,7 +293,7 @@ def main() -> None:
               f"precision {args.precision}, {resources.actors} actor(s) x {resources.threads} threads, "
               f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}", flush=True)
         b, rates, rss_n = measure_all(config, resources, catalog, model, root, args)
-        print(ratios_line("", b, rates))
+        print(ratios_line("", ratios(b, rates)))
         fixed = start_up_seconds(root / "tiny", model, args, resources.actors)
         scored = len(pq.read_table(catalog, columns=["poster_uri"])["poster_uri"].drop_null())  # rows (c) counts
         print(f"start-up (the job on 8 posters): {fixed:.1f} s; " + without_start_up(b, rates, fixed, scored))
@@ -268,8 +301,7 @@ def main() -> None:
             big_catalog, _ = make_inputs(root / "10n", args.arch, 10 * args.posters)
             _, rss_10n = measured(f"(c) at 10x = {10 * args.posters} posters",
                                   lambda: pipeline(job_config(big_catalog, model, root / "10n", args)))
-            print(f"peak RSS at N {rss_n / 2**20:.0f} MiB, at 10N {rss_10n / 2**20:.0f} MiB: "
-                  f"ratio {rss_10n / rss_n:.2f}")
+            print(rss_line(rss_n, rss_10n))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,21 @@ def plain_loop(config: TrainJobConfig, image_size: int) -> list[float]:
     return rates
 
 
+def plain_line(rates: list[float], seconds: float) -> str:
+    return (f"(a) plain loop, 1 process   last epoch {rates[-1]:7.1f} samples/s   (every epoch: "
+            f"{' '.join(f'{r:.1f}' for r in rates)}; {seconds:.0f} s in all)")
+
+
+def ray_train_line(workers: int, rate: float, seconds: float) -> str:
+    return (f"(b) Ray Train, {workers} workers   last epoch {rate:7.1f} samples/s   "
+            f"({seconds:.0f} s in all, with start-up, validation and checkpoints)")
+
+
+def ratio(plain_rates: list[float], ray_rate: float) -> float:
+    """(b)/(a) in the last epoch: the first epoch of each pays its start-up."""
+    return ray_rate / plain_rates[-1]
+
+
 def ray_train(config: TrainJobConfig) -> float:
     """(b) samples/s of the last epoch, as the job's workers report it (all workers' rows / rank 0's time)."""
     trainer, _ = build_trainer(config)
@@ -116,13 +131,11 @@ def main() -> None:
         config = job_config(str(root / "catalog.parquet"), root, args)
         started = time.perf_counter()
         a = plain_loop(config, args.image_size)
-        print(f"(a) plain loop, 1 process   last epoch {a[-1]:7.1f} samples/s   (every epoch: "
-              f"{' '.join(f'{r:.1f}' for r in a)}; {time.perf_counter() - started:.0f} s in all)", flush=True)
+        print(plain_line(a, time.perf_counter() - started), flush=True)
         started = time.perf_counter()
         b = ray_train(config)
-        print(f"(b) Ray Train, {args.workers} workers   last epoch {b:7.1f} samples/s   "
-              f"({time.perf_counter() - started:.0f} s in all, with start-up, validation and checkpoints)", flush=True)
-        print(f"(b)/(a) = {b / a[-1]:.2f}")
+        print(ray_train_line(args.workers, b, time.perf_counter() - started), flush=True)
+        print(f"(b)/(a) = {ratio(a, b):.2f}")
 
 
 if __name__ == "__main__":

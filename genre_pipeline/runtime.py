@@ -52,6 +52,19 @@ class FailureMetric:
     name: str
 
 
+def refused_input(error: BaseException | None) -> BaseException | None:
+    """The bad input behind `error`, also when Ray wrapped it on the way (an actor that refused the model it was
+    given dies with its error inside a RayActorError); None for anything else."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, EXIT_2_ERRORS):
+            return error
+        seen.add(id(error))
+        error = (getattr(error, "creation_task_error", None) or getattr(error, "cause", None)
+                 or error.__cause__ or error.__context__)
+    return None
+
+
 def run_job(body: Callable[[], None], *, logger: logging.Logger, checks: Sequence[Callable[[], None]] = (),
             ray_needed: bool = False, failure: FailureMetric | None = None) -> int:
     """Run a job: its checks before Ray starts (a wrong setting, endpoint or bucket then costs seconds), Ray if
@@ -64,8 +77,11 @@ def run_job(body: Callable[[], None], *, logger: logging.Logger, checks: Sequenc
         if ray_needed:
             init_ray()
         body()
-    except EXIT_2_ERRORS as error:
-        logger.error("%s", error)
+    except Exception as error:
+        refused = refused_input(error)
+        if refused is None:
+            raise
+        logger.error("%s", refused)
         if failure is not None:
             push_job_failure(failure.gateway, job=failure.job, run=failure.run, name=failure.name,
                              timestamp=time.time())

@@ -74,7 +74,8 @@ def print_summary(summary: LabelSummary) -> None:
     by_status = ", ".join(f"{status}={count}" for status, count in sorted(summary.rows_by_status.items()))
     by_origin = ", ".join(f"{origin} {summary.rows_by_origin.get(origin, 0)}" for origin in ORIGINS)
     print(f"labelled {summary.rows} movies in {summary.seconds:.1f}s ({by_status}); {by_origin}, "
-          f"removed {summary.removed}; start-up {summary.setup_seconds:.1f}s; model {summary.model_version}")
+          f"removed {summary.removed}; {summary.posters_per_second:.1f} posters/s scored; "
+          f"start-up {summary.setup_seconds:.1f}s; model {summary.model_version}")
     print(f"committed snapshot {summary.snapshot_id} of table {summary.table}")
 
 

@@ -18,7 +18,3 @@ def load_benchmark(name: str) -> ModuleType:
     spec.loader.exec_module(module)
     return module
 
-
-def printed_ratio_tolerance(numerator: float, denominator: float) -> float:
-    """How far a ratio printed to 0.01 may be from one recomputed from rates printed to 0.1."""
-    return 0.005 + numerator / denominator * (0.05 / numerator + 0.05 / denominator)

@@ -46,7 +46,13 @@ from genre_pipeline.label.pipeline import (
     actors_started_in_time,
     resolve_actor_resources,
 )
-from genre_pipeline.train.driver import TrainJobConfig, TrainResourcesError, check_resources, run_training
+from genre_pipeline.train.driver import (
+    TrainJobConfig,
+    TrainResourcesError,
+    build_trainer,
+    check_resources,
+    fit_within,
+)
 
 # --- feasibility on given nodes --------------------------------------------------------------------------------
 
@@ -154,12 +160,13 @@ def test_training_workers_that_cannot_be_placed_fail_within_the_start_timeout(ra
     config = TrainJobConfig(catalog=catalog, storage_path=str(tmp_path / "runs"), name="held", arch="cnn",
                             epochs=1, num_workers=1, cpus_per_worker=1, image_size=32, val_fraction=0.25,
                             start_timeout=2)
+    trainer, _ = build_trainer(config)  # the workers fit the cluster: the check lets them through
     holder = CpuHolder.remote()
     try:
         assert ray.get(holder.ready.remote(), timeout=DEADLINE_SECONDS)
         with pytest.raises(TrainResourcesError, match=r"^1 Ray Train worker of 1 CPU could not be placed within "
                                                       r"--start-timeout 2 s \(2 tries\)"):
-            run_training(config)  # fits the cluster, but another job holds its CPUs
+            fit_within(trainer, config, config.start_timeout)  # as run_training does; another job holds the CPUs
     finally:
         ray.kill(holder)
     wait_until(lambda: ray.available_resources().get("CPU", 0) == 2, "the held CPUs are free again")

@@ -8,16 +8,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import load_job
+from conftest import load_job, read_night
 
 from genre_pipeline.data.catalog import is_validation, read_catalog, write_catalog
 from genre_pipeline.data.sample import build_sample_catalog
 from genre_pipeline.genres import GENRES, encode_many
-from genre_pipeline.label.commit import LABELS_FILE
-from genre_pipeline.label.pipeline import LabelConfig, SignalTablesError, label_catalog
+from genre_pipeline.label.night import label_catalog
+from genre_pipeline.label.pipeline import LabelConfig, SignalTablesError
 from genre_pipeline.model.checkpoints import read_meta
 from genre_pipeline.model.fusion import FusionHead, all_subsets, subset_name
 from genre_pipeline.signals.embeddings import EmbeddingMeta, read_embeddings, write_embeddings
@@ -127,7 +126,7 @@ def test_the_checkpoint_records_its_signals_tables_and_every_subset_beats_the_pr
 def label(world: dict, model: str, output: Path, **extra) -> dict[int, dict]:
     label_catalog(LabelConfig(catalog=world["catalog"], model=model, output=str(output), run_date=RUN_DATE,
                               **extra))
-    rows = pq.read_table(output / f"run_date={RUN_DATE}" / LABELS_FILE).to_pylist()
+    rows = read_night(output, RUN_DATE).to_pylist()
     return {row["movie_id"]: row for row in rows}
 
 

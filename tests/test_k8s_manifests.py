@@ -682,6 +682,69 @@ def test_raycronjob_entrypoint_is_accepted_by_the_label_job(capsys):
     assert not [d for d in docs if d["kind"] in ("CronJob", "Role", "RoleBinding", "ServiceAccount")]
 
 
+# The labels table's catalog: pyiceberg's variable suffix -> the setting that fills it.
+TABLE_CATALOG_SETTINGS = {"TYPE": "TABLE_CATALOG_TYPE", "URI": "TABLE_CATALOG_URI",
+                          "WAREHOUSE": "TABLE_CATALOG_WAREHOUSE"}
+
+
+def _label_job(docs: list[dict], tmp_path: Path) -> dict:
+    """The nightly label RayJob's spec: the CronJob's template as it renders, or the RayCronJob's jobTemplate."""
+    if any(d["kind"] == "CronJob" for d in docs):
+        return rendered_label_rayjob(docs, tmp_path)["spec"]
+    return one(docs, "RayCronJob", "genre-label")["spec"]["jobTemplate"]
+
+
+@pytest.mark.parametrize("build", TRAIN_BUILDS)
+def test_the_label_job_commits_through_the_catalog_of_the_settings(build, tmp_path, capsys, monkeypatch):
+    """An s3:// output cannot have the embedded SQLite catalog (the job refuses it): the nightly entrypoint names
+    a catalog with --table-catalog, and every Ray pod of the label job configures that catalog from the
+    TABLE_CATALOG_* settings, in pyiceberg's own PYICEBERG_CATALOG__<NAME>__* variables."""
+    import dataclasses
+
+    from pyiceberg.utils.config import Config
+
+    from genre_pipeline.label.table import EMBEDDED_CATALOG, TableSettingsError, catalog_properties
+
+    docs = render(build)
+    values = settings(docs)
+    spec = _label_job(docs, tmp_path)
+    parse_entrypoint(spec["entrypoint"], "jobs/label_catalog.py", capsys)
+    config, _ = _job_module("jobs/label_catalog.py").parse_config(shlex.split(spec["entrypoint"])[2:])
+    assert config.table_catalog != EMBEDDED_CATALOG and config.output.startswith("s3://")
+    expected = {f"PYICEBERG_CATALOG__{config.table_catalog.upper()}__{suffix}": values[setting]
+                for suffix, setting in TABLE_CATALOG_SETTINGS.items()}
+    cluster = spec["rayClusterSpec"]
+    pods = {"head": cluster["headGroupSpec"]["template"],
+            **{g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]}}
+    for name, pod in pods.items():
+        (container,) = pod["spec"]["containers"]
+        env = {var["name"]: var.get("value") for var in container.get("env", [])}
+        assert {key: env.get(key) for key in expected} == expected, f"k8s/{build}: {name}"
+
+    # pyiceberg, in the head's environment, finds the flag's catalog with the settings' properties.
+    for key in [key for key in os.environ if key.upper().startswith("PYICEBERG_")]:
+        monkeypatch.delenv(key)
+    for key, value in expected.items():
+        monkeypatch.setenv(key, value)
+    assert Config().get_catalog_config(config.table_catalog) == {
+        suffix.lower(): values[setting] for suffix, setting in TABLE_CATALOG_SETTINGS.items()}
+    assert catalog_properties(config.table_settings)["name"] == config.table_catalog
+    embedded = dataclasses.replace(config, table_catalog=EMBEDDED_CATALOG)
+    with pytest.raises(TableSettingsError, match="embedded SQLite catalog needs a local output folder"):
+        catalog_properties(embedded.table_settings)
+
+
+def test_the_catalog_address_is_written_only_as_the_setting():
+    """Each overlay's catalog URI is in no manifest, template or script but as its TABLE_CATALOG_URI= literal."""
+    for build in CRONJOB_OVERLAYS:
+        uri = settings(render(build))["TABLE_CATALOG_URI"]
+        assert re.fullmatch(r"https?://[a-z0-9.-]+(:[0-9]+)?(/\S*)?", uri), uri
+        for path in sorted(p for p in K8S.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".sh")):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if uri in line and not line.lstrip().startswith("#"):
+                    assert line.strip() == f"- TABLE_CATALOG_URI={uri}", f"{path.relative_to(REPO)}:{number}: {line}"
+
+
 SCHEDULER_KINDS = ("CronJob", "RayCronJob")
 # RayCronJob.spec in KubeRay 1.7.0. A field beyond these (concurrencyPolicy, startingDeadlineSeconds, history
 # limits) is one k8s/components/raycronjob should set, and k8s/README.md should stop saying it is missing.

@@ -8,27 +8,28 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import load_job, save_random_model, write_sample_parts
+from conftest import labels_table, load_job, save_random_model, write_sample_parts
+from conftest import read_night as read_table_night
 
 from genre_pipeline.data.catalog import CATALOG_SCHEMA
 from genre_pipeline.data.sample import draw_poster, jpeg_bytes
-from genre_pipeline.data.storage import StorageOptions
 from genre_pipeline.genres import GENRES, score_columns
 from genre_pipeline.label.actor import model_lock
 from genre_pipeline.label.contract import labels_schema
+from genre_pipeline.label.night import NightOrderError, label_catalog
 from genre_pipeline.label.pipeline import (
     DECODE_BATCH_ROWS,
     ActorResources,
     ActorResourcesError,
+    KnownRows,
     LabelConfig,
     catalog_blocks,
-    label_catalog,
     resolve_actor_resources,
     size_cpu_actors,
 )
+from genre_pipeline.label.table import nights
 from genre_pipeline.model.predictor import GenrePredictor
 
 GOOD_IDS = range(1, 9)
@@ -64,7 +65,7 @@ def catalog(tmp_path_factory) -> str:
 
 
 def read_night(output, run_date) -> pa.Table:
-    return pads.dataset(f"{output}/run_date={run_date}", format="parquet").to_table().sort_by("movie_id")
+    return read_table_night(output, run_date).sort_by("movie_id")
 
 
 def test_every_movie_once_with_its_status(ray_local, catalog, checkpoint, tmp_path):
@@ -72,7 +73,8 @@ def test_every_movie_once_with_its_status(ray_local, catalog, checkpoint, tmp_pa
     summary = label_catalog(LabelConfig(catalog=catalog, model=checkpoint, max_failed_fraction=1.0, output=str(output),
                                         run_date="2026-11-01", batch_size=4, actors=1))
     labels = read_night(output, "2026-11-01")
-    assert labels.schema.equals(labels_schema(), check_metadata=False)
+    assert labels.schema.names == labels_schema().names
+    assert labels.cast(labels_schema()).num_rows == len(EXPECTED_STATUS)
     assert labels["movie_id"].to_pylist() == sorted(EXPECTED_STATUS)
     assert dict(zip(labels["movie_id"].to_pylist(), labels["status"].to_pylist(), strict=True)) == EXPECTED_STATUS
     assert summary.rows_by_status == {"ok": 8, "missing_poster": 2, "unreadable_poster": 3}
@@ -98,19 +100,19 @@ def test_labels_apply_the_checkpoint_thresholds(ray_local, catalog, checkpoint, 
         assert row["model_version"].startswith("cnn-e1-")
 
 
-def test_rerunning_a_night_replaces_it(ray_local, catalog, checkpoint, tmp_path):
+def test_rerunning_a_night_replaces_it_and_an_older_night_is_refused(ray_local, catalog, checkpoint, tmp_path):
     config = dict(catalog=catalog, model=checkpoint, output=str(tmp_path), max_failed_fraction=1.0)
     first = label_catalog(LabelConfig(**config, run_date="2026-11-03"))
-    other = label_catalog(LabelConfig(**config, run_date="2026-11-04"))
-    again = label_catalog(LabelConfig(**config, run_date="2026-11-03"))
+    again = label_catalog(LabelConfig(**config, run_date="2026-11-03", full=True))
     night = read_night(tmp_path, "2026-11-03")
-    assert night.num_rows == len(EXPECTED_STATUS)
+    assert night.num_rows == len(set(night["movie_id"].to_pylist())) == len(EXPECTED_STATUS)
     assert set(night["run_id"].to_pylist()) == {again.run_id} != {first.run_id}
-    assert set(read_night(tmp_path, "2026-11-04")["run_id"].to_pylist()) == {other.run_id}
-    # the root holds the committed nights and nothing else; no spool is left beside it
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
-        "run_date=2026-11-03/labels.parquet", "run_date=2026-11-04/labels.parquet"]
-    assert not any((tmp_path.parent / f".{tmp_path.name}.staging").iterdir())
+    assert nights(labels_table(tmp_path)) == {"2026-11-03": again.snapshot_id}  # the tag moved to the re-run
+    label_catalog(LabelConfig(**config, run_date="2026-11-04"))
+    with pytest.raises(NightOrderError, match="2026-11-03 is older than the table's latest night 2026-11-04"):
+        label_catalog(LabelConfig(**config, run_date="2026-11-03"))
+    assert sorted(nights(labels_table(tmp_path))) == ["2026-11-03", "2026-11-04"]
+    assert not any((tmp_path / ".staging").rglob("*.parquet"))  # committed nights leave no staged rows
 
 
 def test_job_exit_codes_and_nothing_written_on_bad_input(ray_local, catalog, checkpoint, tmp_path, capsys):
@@ -127,7 +129,7 @@ def test_job_exit_codes_and_nothing_written_on_bad_input(ray_local, catalog, che
     ok = job.main(["--catalog", catalog, "--model", checkpoint, "--output", str(out), "--run-date", "2026-11-05",
                    "--max-failed-fraction", "1"])
     assert ok == 0
-    assert f"output: {out}/run_date=2026-11-05" in capsys.readouterr().out
+    assert "committed snapshot" in capsys.readouterr().out and nights(labels_table(out)).keys() == {"2026-11-05"}
 
 
 def test_cpu_actors_share_the_node_and_leave_ray_data_a_cpu(ray_local, catalog, checkpoint):
@@ -172,14 +174,14 @@ def test_actors_that_would_starve_ray_data_fail_fast(ray_local, catalog, checkpo
     assert not out.exists()
 
 
-def test_a_night_is_one_file_of_whole_row_groups(ray_local, tmp_path):
-    """Scored blocks (64 rows) are spooled into one Parquet file per night, in row groups of ROW_GROUP_ROWS."""
+def test_a_night_is_written_in_few_large_data_files(ray_local, tmp_path):
+    """Scored blocks (64 rows) are gathered into data files of up to ROWS_PER_DATA_FILE rows by the write tasks."""
     catalog = write_sample_parts(tmp_path, 700, 2, seed=3)
     model = save_random_model(tmp_path / "model", image_size=32)
     output = tmp_path / "labels"
     label_catalog(LabelConfig(catalog=catalog, model=model, output=str(output), run_date="2026-11-03"))
-    (night,) = [pq.read_metadata(f) for f in (output / "run_date=2026-11-03").iterdir()]
-    assert (night.num_rows, night.num_row_groups) == (700, 1)
+    files = [task.file for task in labels_table(output).scan().plan_files()]
+    assert [data_file.record_count for data_file in files] == [700]
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [
@@ -214,7 +216,8 @@ def test_the_catalogue_is_read_in_exact_blocks_without_a_footer_actor_pool(ray_l
     catalog = write_sample_parts(tmp_path, 700, 2, seed=3)
     context = ray_local.data.DataContext.get_current()
     default_reader = context.use_datasource_v2
-    blocks = catalog_blocks(catalog, StorageOptions())
+    config = LabelConfig(catalog=catalog, model="m", output=str(tmp_path / "labels"), run_date="2026-11-01")
+    blocks = catalog_blocks(config, night_digest="night", known=KnownRows())
     sizes = [len(block["movie_id"]) for block in blocks.iter_batches(batch_size=None)]
     assert DECODE_BATCH_ROWS == 64 and sorted(sizes) == [60] + [64] * 10  # blocks stream in any order
     stats = blocks.stats()

@@ -92,7 +92,7 @@ def test_an_empty_digest_is_refused_whatever_the_model_version(model, model_vers
     assert issubclass(DigestError, JobInputError)  # a job exits 2 on it
 
 
-@pytest.mark.parametrize("digest", ["A" * 64, "a" * 63, "a" * 65, "g" * 64, " " + "a" * 63, "a" * 64 + "\n"])
+@pytest.mark.parametrize("digest", ["A" * 64, "a" * 63, "a" * 65, "g" * 64, " " + "a" * 63, "a" * 64 + "\n", 12345])
 def test_a_malformed_digest_is_refused(model, digest):
     edit_json(model / "meta.json", weights_sha256=digest)
     with pytest.raises(DigestError, match=rf"{model / 'meta.json'}: weights sha256 .* is not a sha256 \(64 lowercase"):

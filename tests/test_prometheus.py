@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import pytest
-from conftest import load_job
+from conftest import labels_table, load_job, read_night
 from test_telemetry import LABEL_INPUT_STATUS, closed_port, expected_status_counts, write_label_inputs
 
 from genre_pipeline.statuses import STATUSES
@@ -31,7 +30,9 @@ DEBIAN_PACKAGES = {"prometheus-pushgateway": "prometheus-pushgateway", "promethe
 STARTUP_DEADLINE_SECONDS = 60
 SCRAPE_DEADLINE_SECONDS = 60  # a scrape a second: this is many scrapes, not a guess at one
 LABELLED = re.compile(r"labelled (?P<rows>\d+) movies in (?P<seconds>[\d.]+)s \((?P<statuses>[^)]*)\); "
-                      r"(?P<per_second>[\d.]+) posters/s; model (?P<model>\S+)")
+                      r"scored (?P<scored>\d+), resumed (?P<resumed>\d+), carried (?P<carried>\d+), "
+                      r"removed (?P<removed>\d+); (?P<per_second>[\d.]+) posters/s scored; "
+                      r"start-up (?P<setup>[\d.]+)s; model (?P<model>\S+)")
 TRAINED = re.compile(r"best epoch (?P<epoch>\d+) of (?P<epochs>\d+): (?P<metrics>.*)\nmodel (?P<model>\S+) published")
 # The training tests' small settings, one epoch: the metrics' path is under test, not learning.
 FAST_TRAINING = ["--arch", "cnn", "--image-size", "64", "--batch-size", "16", "--num-workers", "2",
@@ -173,6 +174,9 @@ def test_label_job_outcome_reaches_prometheus(ray_local, monitoring, label_input
     rows = query_until(monitoring, f"genre_pipeline_label_rows{night}", lambda r: len(r) == len(STATUSES))
     assert values_by(rows, "status") == {status: by_status.get(status, 0.0) for status in STATUSES}
     assert sum(values_by(rows, "status").values()) == int(printed["rows"]) == len(LABEL_INPUT_STATUS)
+    origins = query_until(monitoring, f"genre_pipeline_label_rows_by_origin{night}", lambda r: len(r) == 3)
+    assert values_by(origins, "origin") == {"scored": float(printed["scored"]), "resumed": 0.0, "carried": 0.0}
+    assert float(printed["scored"]) == len(LABEL_INPUT_STATUS)
     info = query_until(monitoring, f"genre_pipeline_model_info{night}", lambda r: len(r) == 1)
     assert info[0]["metric"]["model_version"] == printed["model"] and info[0]["value"][1] == "1"
     # The summary line rounds to 0.1; the pushed values are exact.
@@ -203,13 +207,12 @@ def test_a_night_whose_posters_all_fail_is_not_committed_and_pushes_its_failure(
     job = ["--catalog", catalog, "--model", model, "--output", str(tmp_path / "labels"), "--run-date", "2026-11-23",
            "--pushgateway", monitoring.pushgateway]
     assert load_job("label_catalog").main([*job, "--max-failed-fraction", "1"]) == 0
-    night = tmp_path / "labels" / "run_date=2026-11-23" / "labels.parquet"
-    good = night.read_bytes()
+    good = labels_table(tmp_path / "labels").current_snapshot().snapshot_id
     started = time.time()
     with caplog.at_level(logging.ERROR):
-        code = load_job("label_catalog").main([*job, "--poster-root", str(tmp_path / "nowhere")])
-    assert code == 2 and "8 of 8 posters failed" in caplog.text
-    assert night.read_bytes() == good
+        code = load_job("label_catalog").main([*job, "--full", "--poster-root", str(tmp_path / "nowhere")])
+    assert code == 2 and "8 of 8 movies failed" in caplog.text
+    assert labels_table(tmp_path / "labels").current_snapshot().snapshot_id == good
     selector = '{job="genre_pipeline_label", run="2026-11-23"}'
     failed_at = wait_for_push_since(monitoring, f"genre_pipeline_label_last_failure_timestamp_seconds{selector}",
                                     started)
@@ -226,7 +229,7 @@ def test_pushgateway_down_warns_and_the_labels_are_still_written(ray_local, labe
                                                "--max-failed-fraction", "1"])
     assert code == 0
     assert f"could not push metrics to the Pushgateway at {gateway}" in caplog.text
-    labels = pads.dataset(tmp_path / "run_date=2026-11-22", format="parquet").to_table()
+    labels = read_night(tmp_path, "2026-11-22")
     assert sorted(labels["movie_id"].to_pylist()) == sorted(LABEL_INPUT_STATUS)
 
 

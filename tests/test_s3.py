@@ -5,6 +5,10 @@ that did not get one. Credentials reach the workers as on a laptop: a Ray node's
 of the process that started the node. So the module starts a Ray node of its own (`ray start`) once AWS_* point
 at moto, and runs the jobs that reach S3 from Ray workers as processes of their own on it. Jobs that must fail up
 front, in the driver, run in the test process on the session's Ray (conftest's `ray_local`).
+
+The label job commits each night to an Iceberg table whose files lie in the bucket, through a catalog named by
+`--table-catalog` and configured in PYICEBERG_CATALOG__<NAME>__* variables, as a catalog shared by every run is:
+here a SQL catalog whose SQLite file is in the test's tmp_path.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import posixpath
 import socket
 import threading
 import time
@@ -26,17 +31,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import pyiceberg.catalog
 import pytest
 import requests
 import s3fs
-from conftest import load_job, save_random_model
+from conftest import load_job, read_night, save_random_model
 from moto.server import ThreadedMotoServer
-from ray_nodes import DEADLINE_SECONDS, HeadNode, head_node
+from pyiceberg.table import Table
+from pyiceberg.utils.config import Config
+from ray_nodes import DEADLINE_SECONDS, HeadNode, head_node, wait_until
 
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import CATALOG_SCHEMA
 from genre_pipeline.data.sample import draw_poster, jpeg_bytes
 from genre_pipeline.failpoints import DIR_ENV_VAR, ENV_VAR
+from genre_pipeline.label.table import TableSettings, load_table, nights
 
 BUCKET = "genre-data"  # private: the IAM user's credentials only
 PUBLIC_BUCKET = "genre-public"  # public-read objects and a policy that lets anyone list and get
@@ -50,6 +59,10 @@ FAST_TRAINING = ["--arch", "cnn", "--image-size", "64", "--batch-size", "16", "-
 # The small catalogue's expected rows: good posters, a key that does not exist, a key the bucket policy denies,
 # no poster_uri at all.
 SMALL_STATUS = {1: "ok", 2: "ok", 3: "ok", 4: "ok", 5: "missing_poster", 6: "fetch_failed", 7: "missing_poster"}
+CATALOG = "labels"  # the --table-catalog of the S3 nights: a SQL catalog configured in PYICEBERG_CATALOG__LABELS__*
+TABLE = "genre_pipeline.labels"  # the job's default --table
+TABLE_FOLDER = "genre_pipeline/labels"  # the table's files under --output: data/ and metadata/
+STAGING = ".staging/genre_pipeline.labels"  # under --output: scored rows of nights not yet committed
 ALLOW_S3 = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
 
 
@@ -165,6 +178,19 @@ def iam_auth_off(s3: S3Server) -> Iterator[None]:
     set_iam_authentication(s3.endpoint, True)
 
 
+@pytest.fixture
+def named_catalog(s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The SQL catalog CATALOG, its SQLite file in tmp_path and its warehouse in the bucket, configured in the
+    variables a shared catalog is configured in: the jobs started from now on inherit them. Its database file."""
+    database = tmp_path / "catalog.db"
+    settings = {"TYPE": "sql", "URI": f"sqlite:///{database}", "WAREHOUSE": f"s3://{BUCKET}/warehouse"}
+    for key, value in settings.items():
+        monkeypatch.setenv(f"PYICEBERG_CATALOG__{CATALOG.upper()}__{key}", value)
+    # pyiceberg reads PYICEBERG_* once, on import, and this process imported it before they were set.
+    monkeypatch.setattr(pyiceberg.catalog, "_ENV_CONFIG", Config())
+    return database
+
+
 def small_checkpoint(directory: Path) -> dict[str, bytes]:
     save_random_model(directory)
     return {path.name: path.read_bytes() for path in directory.iterdir()}
@@ -215,11 +241,32 @@ def statuses(labels: pa.Table) -> dict[int, str]:
     return dict(zip(labels["movie_id"].to_pylist(), labels["status"].to_pylist(), strict=True))
 
 
-def assert_secret_nowhere(s3: S3Server, *texts: str) -> None:
+def by_movie(labels: pa.Table) -> dict[int, dict]:
+    return {row["movie_id"]: row for row in labels.to_pylist()}
+
+
+def labels_on_s3(s3: S3Server, output: str) -> Table:
+    """The label job's table as a reader finds it: through the named catalog, its files on moto."""
+    return load_table(TableSettings(output, CATALOG, options=storage.StorageOptions(endpoint_url=s3.endpoint)))
+
+
+def night_rows(table: Table) -> pa.Table:
+    """The rows of the table's current night."""
+    return table.scan(snapshot_id=table.current_snapshot().snapshot_id).to_arrow()
+
+
+def snapshot_files(table: Table, snapshot_id: int) -> set[str]:
+    """The data files a snapshot is made of (s3:// URIs)."""
+    return {task.file.file_path for task in table.scan(snapshot_id=snapshot_id).plan_files()}
+
+
+def assert_secret_nowhere(s3: S3Server, *texts: str, files: tuple[Path, ...] = ()) -> None:
     """Not in what the jobs printed or logged, not in any object of any bucket, not in Ray's session logs, not
-    in the metrics Ray exports."""
+    in the metrics Ray exports, not in `files` (the table's catalog database)."""
     for text in texts:
         assert s3.secret not in text
+    for path in files:
+        assert s3.secret.encode() not in path.read_bytes(), path
     with urllib.request.urlopen(s3.ray.metrics_url, timeout=10) as response:
         metrics = response.read().decode()
     assert "ray_" in metrics and s3.secret not in metrics
@@ -232,8 +279,9 @@ def assert_secret_nowhere(s3: S3Server, *texts: str) -> None:
 
 
 @pytest.mark.slow
-def test_whole_pipeline_on_s3(s3, capfd, caplog):
-    """build_catalog -> train (Ray Train checkpoints on S3) -> label -> evaluate, nothing local."""
+def test_whole_pipeline_on_s3(s3, named_catalog, capfd, caplog):
+    """build_catalog -> train (Ray Train checkpoints on S3) -> label (an Iceberg table on S3) -> evaluate,
+    nothing local but the catalog's database."""
     root = f"s3://{BUCKET}/e2e"
     catalog, labels_root = f"{root}/sample/catalog.parquet", f"{root}/labels"
     assert load_job("build_catalog").main(["--sample", "40", "--poster-size", "48x72", "--out", f"{root}/sample"]) == 0
@@ -253,18 +301,28 @@ def test_whole_pipeline_on_s3(s3, capfd, caplog):
     model_version = json.loads(s3.objects(BUCKET, f"{version}/meta.json").popitem()[1])["model_version"]
 
     label = s3.ray.run_job("label_catalog", "--catalog", catalog, "--model", f"{root}/runs/s3-cnn/model",
-                           "--output", labels_root, "--run-date", RUN_DATE)
+                           "--output", labels_root, "--table-catalog", CATALOG, "--run-date", RUN_DATE)
     assert label.returncode == 0, label.stderr[-3000:]
-    labels = read_parquet(f"{labels_root}/run_date={RUN_DATE}")
+    table = labels_on_s3(s3, labels_root)
+    snapshot = table.current_snapshot()
+    labels = table.scan(snapshot_id=snapshot.snapshot_id).to_arrow()
     assert sorted(labels["movie_id"].to_pylist()) == movies["movie_id"].to_pylist()
     expected = {m: "ok" if uri else "missing_poster" for m, uri in zip(movies["movie_id"].to_pylist(),
                                                                        movies["poster_uri"].to_pylist(), strict=True)}
     assert statuses(labels) == expected
     assert set(labels["model_version"].to_pylist()) == {model_version}
-    assert list(s3.objects(BUCKET, "e2e/labels/")) == [f"e2e/labels/run_date={RUN_DATE}/labels.parquet"]
-    assert "labelled 40 movies" in label.stdout and f"output: {labels_root}/run_date={RUN_DATE}" in label.stdout
+    assert nights(table) == {RUN_DATE: snapshot.snapshot_id}
+    # The table's files lie in the bucket under --output, and nothing else does (the night's staging is gone).
+    written = s3.objects(BUCKET, "e2e/labels/")
+    assert {posixpath.dirname(key) for key in written} == {f"e2e/labels/{TABLE_FOLDER}/{folder}"
+                                                           for folder in ("data", "metadata")}
+    uris = {f"s3://{BUCKET}/{key}" for key in written}
+    assert snapshot_files(table, snapshot.snapshot_id) <= uris and table.metadata_location in uris
+    assert "labelled 40 movies" in label.stdout and "scored 40, resumed 0, carried 0" in label.stdout
+    assert f"committed snapshot {snapshot.snapshot_id} of table {TABLE}" in label.stdout
 
-    evaluate = ["--labels", labels_root, "--catalog", catalog, "--split", "test", "--out", f"{root}/evaluation"]
+    evaluate = ["--labels", labels_root, "--table-catalog", CATALOG, "--catalog", catalog, "--split", "test",
+                "--out", f"{root}/evaluation"]
     assert load_job("evaluate").main(evaluate) == 0
     written = s3.objects(BUCKET, "e2e/evaluation/")
     assert set(written) == {f"e2e/evaluation/{name}" for name in
@@ -279,33 +337,43 @@ def test_whole_pipeline_on_s3(s3, capfd, caplog):
 
     printed = capfd.readouterr()
     assert_secret_nowhere(s3, train.stdout, train.stderr, label.stdout, label.stderr, printed.out, printed.err,
-                          caplog.text)
+                          caplog.text, files=(named_catalog,))
 
 
-def test_bad_posters_on_s3_are_rows_with_a_status(s3, small):
-    output = f"s3://{BUCKET}/small-labels"
+def test_bad_posters_on_s3_are_rows_with_a_status(s3, small, named_catalog):
+    output, prefix = f"s3://{BUCKET}/small-labels", "small-labels"
     # The flag, as a user without AWS_ENDPOINT_URL would give it; the poster root is the whole bucket (the denied
     # poster lies outside the catalogue's prefix); 2 of the 6 posters fail, over the default guard.
-    job = ["--catalog", small["catalog"], "--model", small["model"], "--output", output, "--run-date", RUN_DATE,
-           "--endpoint-url", s3.endpoint, "--poster-root", f"s3://{BUCKET}", "--max-failed-fraction", "1"]
+    job = ["--catalog", small["catalog"], "--model", small["model"], "--output", output, "--table-catalog", CATALOG,
+           "--run-date", RUN_DATE, "--endpoint-url", s3.endpoint, "--poster-root", f"s3://{BUCKET}",
+           "--max-failed-fraction", "1"]
     first = s3.ray.run_job("label_catalog", *job)
     assert first.returncode == 0, first.stderr[-3000:]
-    labels = read_parquet(f"{output}/run_date={RUN_DATE}")
+    table = labels_on_s3(s3, output)
+    labels = night_rows(table)
     assert statuses(labels) == SMALL_STATUS
     errors = dict(zip(labels["movie_id"].to_pylist(), labels["error"].to_pylist(), strict=True))
     assert errors[5] == f"s3://{BUCKET}/small/posters/5.jpg: not found"
     assert errors[6].startswith(f"s3://{BUCKET}/{DENIED_PREFIX}6.jpg: PermissionError")
     assert errors[7] == "no poster_uri"
     assert "ok=4" in first.stdout and "fetch_failed=1" in first.stdout and "missing_poster=2" in first.stdout
-    # A re-run of the night on S3 replaces it: one row per movie, all from the second run.
+    assert "scored 7, resumed 0, carried 0" in first.stdout
+    # A re-run of the night scores only what may have changed: the poster that failed to fetch (it may pass
+    # now); every other row is the first run's, as it was. The night's tag moves to the new snapshot.
     second = s3.ray.run_job("label_catalog", *job)
     assert second.returncode == 0, second.stderr[-3000:]
-    again = read_parquet(f"{output}/run_date={RUN_DATE}")
-    assert sorted(again["movie_id"].to_pylist()) == sorted(SMALL_STATUS)
-    first_run, second_run = set(labels["run_id"].to_pylist()), set(again["run_id"].to_pylist())
-    assert len(first_run) == len(second_run) == 1 and first_run != second_run
-    assert list(s3.objects(BUCKET, "small-labels/")) == [f"small-labels/run_date={RUN_DATE}/labels.parquet"]
-    assert_secret_nowhere(s3, first.stdout, first.stderr, second.stdout, second.stderr)
+    assert "scored 1, resumed 0, carried 6" in second.stdout
+    table = labels_on_s3(s3, output)
+    again = night_rows(table)
+    assert statuses(again) == SMALL_STATUS
+    first_rows, second_rows = by_movie(labels), by_movie(again)
+    assert {m: row for m, row in second_rows.items() if m != 6} == {m: row for m, row in first_rows.items() if m != 6}
+    assert second_rows[6]["run_id"] != first_rows[6]["run_id"]
+    assert second_rows[6]["error"].startswith(f"s3://{BUCKET}/{DENIED_PREFIX}6.jpg: PermissionError")
+    assert nights(table) == {RUN_DATE: table.current_snapshot().snapshot_id} and len(table.history()) == 2
+    assert {posixpath.dirname(key) for key in s3.objects(BUCKET, f"{prefix}/")} == {
+        f"{prefix}/{TABLE_FOLDER}/{folder}" for folder in ("data", "metadata")}  # no staging left
+    assert_secret_nowhere(s3, first.stdout, first.stderr, second.stdout, second.stderr, files=(named_catalog,))
 
 
 def bad_storage_cases() -> dict[str, tuple[dict[str, str], dict[str, str | None], str, str]]:
@@ -356,9 +424,30 @@ def test_bad_storage_fails_up_front_and_writes_nothing(case, s3, small, ray_loca
     assert_secret_nowhere(s3, printed.out, printed.err, caplog.text)
 
 
+# name -> (--table-catalog flags, what the refusal says): an s3:// output needs a catalog every run shares.
+CATALOG_CASES = {
+    "embedded catalog": ((), f"s3://{BUCKET}/catalog-labels: the embedded SQLite catalog needs a local output "
+                             "folder; for an s3:// output give --table-catalog NAME"),
+    "unconfigured catalog": (("--table-catalog", "nowhere"), "configure it with PYICEBERG_CATALOG__NOWHERE__TYPE"),
+}
+
+
+@pytest.mark.parametrize("case", CATALOG_CASES, ids=list(CATALOG_CASES))
+def test_an_s3_output_without_a_usable_catalog_is_refused(case, s3, small):
+    flags, message = CATALOG_CASES[case]
+    before = {bucket: s3.objects(bucket) for bucket in (BUCKET, PUBLIC_BUCKET)}
+    done = s3.ray.run_job("label_catalog", "--catalog", small["catalog"], "--model", small["model"], "--output",
+                          f"s3://{BUCKET}/catalog-labels", "--run-date", RUN_DATE, *flags)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert message in done.stderr and "labelled" not in done.stdout
+    assert {bucket: s3.objects(bucket) for bucket in (BUCKET, PUBLIC_BUCKET)} == before
+    assert_secret_nowhere(s3, done.stdout, done.stderr)
+
+
 def test_anonymous_reads_a_public_bucket(s3, public, iam_auth_off, fresh_s3fs, monkeypatch, tmp_path):
     # No credentials on the driver: only unsigned requests can succeed. (The workers' environment still has
     # them, from the node's start; --anonymous reaches them with the storage options and they sign nothing either.)
+    # The labels go to a local folder, with the table's embedded catalog.
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     output = tmp_path / "labels"
@@ -366,9 +455,8 @@ def test_anonymous_reads_a_public_bucket(s3, public, iam_auth_off, fresh_s3fs, m
                           "--output", str(output), "--run-date", RUN_DATE, "--anonymous",
                           "--poster-root", f"s3://{PUBLIC_BUCKET}")
     assert done.returncode == 0, done.stderr[-3000:]
-    labels = pads.dataset(output / f"run_date={RUN_DATE}", format="parquet").to_table()
     # Only BUCKET's policy denies forbidden/: in the public bucket, 6.jpg is public-read like the rest.
-    assert statuses(labels) == SMALL_STATUS | {6: "ok"}
+    assert statuses(read_night(output, RUN_DATE)) == SMALL_STATUS | {6: "ok"}
 
 
 def test_anonymous_requests_to_a_private_bucket_fail_clearly(s3, small, ray_local, iam_auth_off, fresh_s3fs, tmp_path,
@@ -388,63 +476,80 @@ def test_write_check_leaves_no_marker_and_names_the_bucket(s3, fresh_s3fs):
         storage.check_writable(f"s3://{NO_SUCH_BUCKET}/x")
 
 
-# --- the night's commit on S3: one conditional PUT -----------------------------------------------------------
+# --- the night's commit on S3: one snapshot of the table, through the named catalog --------------------------
 
 COMMIT_NIGHT = "2026-11-29"
+# Posters read beneath the catalogue's prefix only: the denied one lies outside it and is refused unread.
+COMMIT_STATUS = SMALL_STATUS | {6: "refused_poster"}
+MOVIES = len(COMMIT_STATUS)
+KILL_STEPS = ("model.pinned", "commit.files_written", "commit.start", "commit.metadata_written", "commit.done")
+POLL_SECONDS = 0.1  # between a reader's scans: moto answers the jobs from this process too
 
 
 def commit_job(small: dict[str, str], prefix: str, *extra: str) -> list[str]:
+    """The small catalogue's night into s3://BUCKET/<prefix> through the named catalog; 2 of its 6 posters
+    fail (missing, refused), over the default guard."""
     return ["--catalog", small["catalog"], "--model", small["model"], "--output", f"s3://{BUCKET}/{prefix}",
-            "--run-date", COMMIT_NIGHT, "--poster-root", f"s3://{BUCKET}", "--max-failed-fraction", "1", *extra]
+            "--table-catalog", CATALOG, "--run-date", COMMIT_NIGHT, "--max-failed-fraction", "1", *extra]
 
 
-def night_object(s3: S3Server, prefix: str) -> tuple[str, int, int] | None:
-    """(run_id, rows, distinct movies) of the committed night, which must be the only object under the labels
-    prefix; None before any commit."""
-    objects = s3.objects(BUCKET, f"{prefix}/")
-    if not objects:
+def current_night(s3: S3Server, prefix: str) -> tuple[int, int, int, str] | None:
+    """(snapshot id, rows, distinct movies, run id) of the table's current night, read as a warehouse reads it;
+    None before the first commit. Rows of more than one run in a night fail here."""
+    table = labels_on_s3(s3, f"s3://{BUCKET}/{prefix}")
+    snapshot = table.current_snapshot()
+    if snapshot is None:
         return None
-    assert list(objects) == [f"{prefix}/run_date={COMMIT_NIGHT}/labels.parquet"], list(objects)
-    table = pq.read_table(io.BytesIO(objects.popitem()[1]))
-    run_ids = set(table["run_id"].to_pylist())
-    assert len(run_ids) == 1, run_ids
-    return run_ids.pop(), table.num_rows, len(set(table["movie_id"].to_pylist()))
+    rows = night_rows(table)
+    run_ids = set(rows["run_id"].to_pylist())
+    assert len(run_ids) == 1, (snapshot.snapshot_id, run_ids)
+    return snapshot.snapshot_id, rows.num_rows, len(set(rows["movie_id"].to_pylist())), run_ids.pop()
 
 
-def finish_job(process) -> tuple[int, str]:
+def data_objects(s3: S3Server, prefix: str) -> set[str]:
+    return {f"s3://{BUCKET}/{key}" for key in s3.objects(BUCKET, f"{prefix}/{TABLE_FOLDER}/data/")}
+
+
+def finish_job(process) -> tuple[int, str, str]:
     try:
-        _, err = process.communicate(timeout=DEADLINE_SECONDS)
+        out, err = process.communicate(timeout=DEADLINE_SECONDS)
     finally:
         process.kill()
-    return process.returncode, err
+    return process.returncode, out, err
 
 
-def wait_for_pause(path: Path, process) -> None:
+def wait_for_pauses(path: Path, processes: list, count: int) -> None:
+    """Until `count` processes wrote their pid to the failpoint's `.reached` file."""
     deadline = time.monotonic() + DEADLINE_SECONDS
-    while not path.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"{path.name} never reached:\n{finish_job(process)[1][-3000:]}")
+    while not path.exists() or len(path.read_text().split()) < count:
+        if any(p.poll() is not None for p in processes) or time.monotonic() > deadline:
+            logs = [finish_job(p)[2][-3000:] for p in processes]
+            raise AssertionError(f"{path.name}: not {count} pids in time:\n" + "\n---\n".join(logs))
         time.sleep(0.05)
 
 
 class NightPoller(threading.Thread):
-    """A reader polling the night as a warehouse would, the whole time: list the prefix, read what it lists."""
+    """A reader of the table's current night the whole time, as a warehouse query would: load the table through
+    the catalog, scan its current snapshot. Stops when told, on its first failure, or at the deadline."""
 
     def __init__(self, s3: S3Server, prefix: str) -> None:
         super().__init__(daemon=True)
         self.s3, self.prefix = s3, prefix
-        self.seen: list[tuple[str, int, int] | None] = []
+        self.seen: list[tuple[int, int, int, str] | None] = []
         self.stopped = threading.Event()
         self.error: BaseException | None = None  # what a read met: raised again in the test by stop()
 
     def run(self) -> None:
+        deadline = time.monotonic() + 2 * DEADLINE_SECONDS
         try:
-            while not self.stopped.is_set():
-                self.seen.append(night_object(self.s3, self.prefix))
+            while time.monotonic() < deadline:
+                self.seen.append(current_night(self.s3, self.prefix))
+                if self.stopped.wait(POLL_SECONDS):
+                    return
         except BaseException as error:  # any failure of a read is the test's failure
             self.error = error
 
-    def stop(self) -> list[tuple[str, int, int] | None]:
+    def stop(self) -> list[tuple[int, int, int, str] | None]:
         self.stopped.set()
         self.join(timeout=60)
         if self.error is not None:
@@ -453,50 +558,76 @@ class NightPoller(threading.Thread):
 
 
 @pytest.mark.slow
-def test_a_kill_at_any_commit_step_on_s3_leaves_a_whole_night(s3, small):
+def test_a_kill_at_any_commit_step_on_s3_leaves_a_whole_night(s3, small, named_catalog):
     prefix = "commit-kills"
-    done = s3.ray.run_job("label_catalog", *commit_job(small, prefix))
+    done = s3.ray.run_job("label_catalog", *commit_job(small, prefix, "--full"))
     assert done.returncode == 0, done.stderr[-3000:]
-    committed = night_object(s3, prefix)
-    assert committed[1:] == (len(SMALL_STATUS), len(SMALL_STATUS))
-    for step in ("commit.spooled", "commit.start", "commit.putting", "commit.done"):
-        code, err = finish_job(s3.ray.start_job("label_catalog", *commit_job(small, prefix),
-                                                **{ENV_VAR: f"{step}=kill"}))
+    committed = current_night(s3, prefix)
+    assert committed[1:3] == (MOVIES, MOVIES)
+    for step in KILL_STEPS:  # --full: every night is one run's rows, whatever the last one left
+        code, _, err = finish_job(s3.ray.start_job("label_catalog", *commit_job(small, prefix, "--full"),
+                                                   **{ENV_VAR: f"{step}=kill"}))
         assert code == -9, (step, err[-3000:])
-        now = night_object(s3, prefix)
-        assert now[1:] == committed[1:], step
+        now = current_night(s3, prefix)
+        assert now[1:3] == (MOVIES, MOVIES), step
         assert (now != committed) if step == "commit.done" else (now == committed), step
+        assert nights(labels_on_s3(s3, f"s3://{BUCKET}/{prefix}")) == {COMMIT_NIGHT: now[0]}, step
         committed = now
-    # A failing re-run (every poster outside its root: the guard) leaves the night as it is.
-    failing = s3.ray.run_job("label_catalog", *commit_job(small, prefix)[:-4], "--poster-root",
-                             f"s3://{BUCKET}/nowhere")
-    assert failing.returncode == 2 and "more than --max-failed-fraction 0.2" in failing.stderr
-    assert night_object(s3, prefix) == committed
+    # A failing re-run (every poster outside its root: the guard) leaves the night as it is, and deletes the data
+    # files it wrote.
+    files = data_objects(s3, prefix)
+    failing = s3.ray.run_job("label_catalog", *commit_job(small, prefix, "--full", "--poster-root",
+                                                          f"s3://{BUCKET}/nowhere", "--max-failed-fraction", "0.2"))
+    assert failing.returncode == 2 and "more than --max-failed-fraction 0.2" in failing.stderr, failing.stderr[-3000:]
+    assert current_night(s3, prefix) == committed
+    assert data_objects(s3, prefix) == files
 
 
 @pytest.mark.slow
-def test_of_two_concurrent_runs_on_s3_exactly_one_commits_and_readers_see_whole_nights(s3, small, tmp_path):
-    """The first run pauses just before its PUT; a second run commits; the first's conditional PUT then fails
-    (If-None-Match on an empty night, If-Match on a committed one) and it exits 2. A reader polls throughout."""
-    prefix = "commit-race"
+def test_of_two_concurrent_runs_on_s3_exactly_one_commits_and_readers_see_whole_nights(s3, small, named_catalog,
+                                                                                       tmp_path):
+    """Both runs write their files and pause just before their commit; released together, one commits and the
+    other's commit fails against the catalog (the table moved past the snapshot it started from): it exits 2
+    and deletes its files. A reader scans the table's current night throughout."""
+    prefix, pauses = "commit-race", tmp_path / "pauses"
+    pauses.mkdir()
+    done = s3.ray.run_job("label_catalog", *commit_job(small, prefix, "--full"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = current_night(s3, prefix)
+    before_files = data_objects(s3, prefix)
     poller = NightPoller(s3, prefix)
     poller.start()
-    winners = []
-    for attempt in ("empty night", "committed night"):
-        pauses = tmp_path / attempt.replace(" ", "-")
-        pauses.mkdir()
-        first = s3.ray.start_job("label_catalog", *commit_job(small, prefix),
-                                 **{ENV_VAR: "commit.putting=pause", DIR_ENV_VAR: str(pauses)})
-        wait_for_pause(pauses / "commit.putting.reached", first)
-        second = s3.ray.run_job("label_catalog", *commit_job(small, prefix))
-        assert second.returncode == 0, (attempt, second.stderr[-3000:])
-        winners.append(night_object(s3, prefix))
-        (pauses / "commit.putting.release").touch()
-        code, err = finish_job(first)
-        assert code == 2 and "another run committed this night" in err, (attempt, err[-3000:])
-        assert night_object(s3, prefix) == winners[-1], attempt
+    runs = [s3.ray.start_job("label_catalog", *commit_job(small, prefix, "--full"),
+                             **{ENV_VAR: "commit.start=pause", DIR_ENV_VAR: str(pauses)}) for _ in range(2)]
+    wait_for_pauses(pauses / "commit.start.reached", runs, 2)
+    (pauses / "commit.start.release").touch()
+    results = sorted(finish_job(run) for run in runs)
+    assert [code for code, _, _ in results] == [0, 2], [err[-3000:] for _, _, err in results]
+    assert "another run committed" in results[1][2]
+    winner = current_night(s3, prefix)
+    assert winner[1:3] == (MOVIES, MOVIES) and winner[0] != before[0]
+    assert f"committed snapshot {winner[0]} of table {TABLE}" in results[0][1]
+    table = labels_on_s3(s3, f"s3://{BUCKET}/{prefix}")
+    assert len(table.history()) == 2  # the first night and the winner's: the loser added no snapshot
+    assert data_objects(s3, prefix) == before_files | snapshot_files(table, winner[0])  # the loser's are gone
+    wait_until(lambda: winner in poller.seen or not poller.is_alive(), "the reader saw the winner's night")
     seen = poller.stop()
-    assert winners[0] != winners[1]
-    whole = {None, *winners}
-    assert set(seen) <= whole, set(seen) - whole  # never a partial, doubled or third night
-    assert set(winners) <= set(seen)  # the reader was polling through both commits
+    assert before in seen and winner in seen  # the reader scanned before, through and after the commit
+    assert set(seen) <= {before, winner}, set(seen) - {before, winner}  # never a partial, doubled or third night
+
+
+@pytest.mark.slow
+def test_a_night_killed_after_writing_its_files_resumes_on_s3_without_scoring_again(s3, small, named_catalog):
+    prefix = "commit-resume"
+    staging = f"{prefix}/{STAGING}/"
+    code, _, err = finish_job(s3.ray.start_job("label_catalog", *commit_job(small, prefix),
+                                               **{ENV_VAR: "commit.files_written=kill"}))
+    assert code == -9, err[-3000:]
+    assert s3.objects(BUCKET, f"{staging}run_date={COMMIT_NIGHT}/"), "the killed run staged its scored rows"
+    assert current_night(s3, prefix) is None  # nothing committed
+    resumed = s3.ray.run_job("label_catalog", *commit_job(small, prefix))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"scored 0, resumed {MOVIES}, carried 0" in resumed.stdout
+    assert current_night(s3, prefix)[1:3] == (MOVIES, MOVIES)
+    assert statuses(night_rows(labels_on_s3(s3, f"s3://{BUCKET}/{prefix}"))) == COMMIT_STATUS
+    assert not s3.objects(BUCKET, staging)  # the committed night's staging is removed

@@ -151,17 +151,39 @@ def test_decode_counts_each_poster_once_by_final_status(monkeypatch):
         (1, "fetch_failed"), (1, "unreadable_poster"), (2, "ok")]
 
 
-def test_recording_without_ray_or_with_a_broken_metric_never_raises(monkeypatch):
-    def broken(spec):
-        raise RuntimeError("metrics agent unreachable")
-
-    monkeypatch.setattr(telemetry, "_ray_metric", broken)
-    monkeypatch.setattr(telemetry.ray, "is_initialized", lambda: False)
-    telemetry.count_posters(["ok"])  # outside Ray: not even tried
-    monkeypatch.setattr(telemetry.ray, "is_initialized", lambda: True)
-    telemetry.count_posters(["ok"])
+def record_one_of_each() -> None:
+    telemetry.count_posters(["ok", "ok", "fetch_failed"])
     telemetry.observe_predict_batch(0.1, "cpu")
     telemetry.count_label_rows_written(3)
+
+
+def test_recording_without_ray_or_with_a_broken_metric_never_raises(monkeypatch, caplog):
+    tried: list[str] = []
+
+    class BrokenAgent:  # a metric object whose agent has gone away
+        def inc(self, value, tags=None):
+            raise RuntimeError("metrics agent unreachable")
+
+        observe = inc
+
+    def broken_metric(spec):
+        tried.append(spec.name)
+        if spec.kind == "counter":
+            raise RuntimeError("cannot register the metric")
+        return BrokenAgent()
+
+    monkeypatch.setattr(telemetry, "_ray_metric", broken_metric)
+    monkeypatch.setattr(telemetry.ray, "is_initialized", lambda: False)
+    record_one_of_each()
+    assert tried == []  # outside Ray: not even tried
+    monkeypatch.setattr(telemetry.ray, "is_initialized", lambda: True)
+    with caplog.at_level("DEBUG", logger=telemetry.__name__):
+        record_one_of_each()  # creating a metric fails (counters), recording one fails (the histogram)
+    recorded = [telemetry.POSTERS.name, telemetry.POSTERS.name, telemetry.PREDICT_BATCH_SECONDS.name,
+                telemetry.LABEL_ROWS_WRITTEN.name]  # posters: one series per status
+    assert tried == recorded
+    assert [record.getMessage() for record in caplog.records] == [f"could not record {name}" for name in recorded]
+    assert all(record.exc_info for record in caplog.records)
 
 
 def closed_port() -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -295,14 +294,16 @@ def relative_to(base: str, relative: str) -> str:
 
 
 def write_atomically(uri: str, data: bytes, options: StorageOptions = StorageOptions()) -> None:
-    """Readers see the old bytes or the new: one PUT on S3, a rename of a complete file locally."""
+    """Readers see the old bytes or the new: one PUT on S3, a rename of a complete file locally. A local file
+    gets 0666 less the umask, as any published file: a temporary file's 0600 would lock out other uids."""
     if is_remote(uri):
         write_bytes(uri, data, options)
         return
     path = fsspec_filesystem(uri)[1]
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".partial-", delete=False) as handle:
+    temporary = os.path.join(os.path.dirname(path), f".partial-{uuid.uuid4().hex}")
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+    os.replace(temporary, path)

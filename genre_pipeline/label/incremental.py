@@ -149,10 +149,17 @@ def reuse_origins(block: pa.Table, *, reuse: bool) -> np.ndarray:
 
 def hide_unchanged_posters(batch: dict[str, np.ndarray], *, reuse: bool) -> dict[str, np.ndarray]:
     """GPU path: the fetch tasks skip the posters of rows whose label row is reused (their URI reads as none)."""
-    origins = reuse_origins(pa.table({k: batch[k] for k in batch if k.endswith(("status", INPUT_KEY))}),
-                            reuse=reuse)
+    names = [INPUT_KEY, *(prefix + name for prefix, _ in KNOWN_SOURCES for name in (INPUT_KEY, "status"))]
+    keys = pa.table({name: strings(batch[name]) for name in names if name in batch})
+    origins = reuse_origins(keys, reuse=reuse)
     batch["poster_uri"] = np.where(origins == None, batch["poster_uri"], None).astype(object)  # noqa: E711
     return batch
+
+
+def strings(values: np.ndarray) -> pa.Array:
+    """A string column from a numpy batch; an all-null column can arrive as float NaN after Ray's Arrow round
+    trip, so anything that is not a string is a null."""
+    return pa.array([value if isinstance(value, str) else None for value in values], pa.string())
 
 
 def known_label_rows(block: pa.Table, prefix: str, schema: pa.Schema) -> pa.Table:

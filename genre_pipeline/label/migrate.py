@@ -6,7 +6,8 @@ values (`labelled_at`, `run_id`, `model_version`, scores...), committed by `tabl
 snapshot tagged `night-<date>` whose summary records the run id(s), model version(s), row counts by status, the
 movies the night dropped, and the folder it came from. Columns a night's files lack (`signals` in the oldest
 nights, `input_key` in all of them) are null; a column the table does not have, or a missing required one, is
-refused rather than lost. A night whose files repeat a movie_id is refused, naming the file.
+refused rather than lost. A night whose files repeat a movie_id (or lack one) is refused, naming the file.
+Every night to migrate is checked so before the first is committed: a bad file leaves the table as it was.
 
 What is safe, and so what the migration does:
 
@@ -17,7 +18,8 @@ What is safe, and so what the migration does:
   readers see and the one the next label night carries rows from. Migrate before the first label night of the
   table (or into another `--table`); the nights newer than the table's latest migrate normally.
 - Each commit is conditioned on the snapshot the night started from, so a label run that commits meanwhile
-  makes the migration stop with `NightChangedError` (exit 2) rather than overwrite it; a re-run resumes.
+  makes the migration stop with `NightChangedError` (exit 2) rather than overwrite it; a re-run resumes with
+  the nights still missing (or refuses them, if that label night is newer).
 
 `input_key` stays null in migrated rows: no digest of their inputs was recorded, so the next label night scores
 every migrated movie again (a full night), and carries rows over from then on.
@@ -29,10 +31,10 @@ movie ids, for the duplicate check); each batch is written as data files of the 
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import date
 
 import numpy as np
 import pyarrow as pa
@@ -63,7 +65,7 @@ from genre_pipeline.label.table import (
 
 logger = logging.getLogger(__name__)
 
-NIGHT_FOLDER = re.compile(rf"^{PARTITION_KEY}=(\d{{4}}-\d{{2}}-\d{{2}})$")
+NIGHT_FOLDER_PREFIX = f"{PARTITION_KEY}="
 SCORE_PREFIX = "score_"  # the genre score columns: a night keeps the vocabulary its model had
 MIGRATED_FROM_PROPERTY = PROPERTY_PREFIX + "migrated-from"
 
@@ -132,6 +134,13 @@ class NightTally:
         self.model_versions.update(pc.unique(rows.column("model_version")).to_pylist())
 
 
+def is_iso_date(text: str) -> bool:
+    try:
+        return date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
+
+
 def hive_nights(source: str, options: storage.StorageOptions) -> tuple[pafs.FileSystem, list[HiveNight]]:
     """The source's nights in date order, each with its Parquet files (hidden and `_` files skipped)."""
     fs, root = storage.arrow_filesystem(source, options)
@@ -139,17 +148,19 @@ def hive_nights(source: str, options: storage.StorageOptions) -> tuple[pafs.File
         entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     found = []
     for entry in sorted(entries, key=lambda e: e.base_name):
-        match = NIGHT_FOLDER.match(entry.base_name)
-        if entry.type != pafs.FileType.Directory or not match:
+        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith(NIGHT_FOLDER_PREFIX):
             continue
         uri = storage.join(source, entry.base_name)
+        run_date = entry.base_name.removeprefix(NIGHT_FOLDER_PREFIX)
+        if not is_iso_date(run_date):
+            raise MigrationError(f"{uri}: not a night's folder ({PARTITION_KEY}=YYYY-MM-DD); nothing migrated")
         with storage.reporting_errors(uri, "list the night's files"):
             listed = fs.get_file_info(pafs.FileSelector(entry.path))
         files = tuple(sorted(f.path for f in listed if f.is_file and f.base_name.endswith(".parquet")
                              and not f.base_name.startswith((".", "_"))))
         if not files:
             raise MigrationError(f"{uri}: no Parquet file in this night's folder; nothing migrated")
-        found.append(HiveNight(match.group(1), uri, files))
+        found.append(HiveNight(run_date, uri, files))
     if not found:
         raise MigrationError(f"{source}: no {PARTITION_KEY}=YYYY-MM-DD folders of Parquet files to migrate")
     return fs, found
@@ -284,22 +295,27 @@ def removed_movies(table: Table, night_ids: np.ndarray) -> int:
     return int((~np.isin(previous.column("movie_id").to_numpy(), night_ids)).sum())
 
 
-def migrate_night(settings: TableSettings, fs: pafs.FileSystem, night: HiveNight) -> MigratedNight:
-    """Check the night, write its data files, and commit them as one snapshot over the table's current one."""
+def check_night(fs: pafs.FileSystem, night: HiveNight) -> pa.Schema:
+    """The night's schema, once its files are known to fit the table and hold each movie once."""
     schema = night_schema(fs, night)
-    night_ids = check_movie_ids(fs, night)
-    if not len(night_ids):
+    if not len(check_movie_ids(fs, night)):
         raise MigrationError(f"{night.uri}: the night has no rows; an empty night is never committed")
+    return schema
+
+
+def migrate_night(settings: TableSettings, fs: pafs.FileSystem, night: HiveNight,
+                  schema: pa.Schema) -> MigratedNight:
+    """Write the night's data files and commit them as one snapshot over the table's current one."""
     table = open_table(settings, schema)  # created, or evolved to the night's score columns
     base = table.current_snapshot()  # the commit happens only if the table is still at this snapshot
     base_date = base.summary.additional_properties.get(RUN_DATE_PROPERTY) if base and base.summary else None
     if base_date is not None and base_date >= night.run_date:  # a label night committed since the plan was made
         raise OlderNightError(f"{settings.identifier}: night {base_date} was committed meanwhile; night "
-                              f"{night.run_date} is not newer, nothing more migrated")
+                              f"{night.run_date} is not newer: not migrated")
+    removed = removed_movies(table, check_movie_ids(fs, night))
     data_files, tally = write_night(table, fs, night, schema)
     try:
-        snapshot_id = commit_night(table, base, data_files, night.run_date,
-                                   night_summary(night, tally, removed_movies(table, night_ids)))
+        snapshot_id = commit_night(table, base, data_files, night.run_date, night_summary(night, tally, removed))
     except JobInputError:
         discard(table, data_files)
         raise
@@ -309,10 +325,13 @@ def migrate_night(settings: TableSettings, fs: pafs.FileSystem, night: HiveNight
 
 
 def migrate_labels(config: MigrateConfig) -> MigrationSummary:
-    """Commit each night of the old layout that the table does not have yet, oldest first."""
+    """Commit each night of the old layout that the table does not have yet, oldest first. Every such night is
+    checked before the first is committed, so a bad file stops the migration before it changes the table."""
     fs, found = hive_nights(config.source, config.storage_options)
     todo, skipped = nights_to_migrate(found, committed_nights(config.table_settings), config.table)
     if skipped:
         logger.info("the table already has nights %s: skipped", ", ".join(skipped))
-    migrated = [migrate_night(config.table_settings, fs, night) for night in todo]
+    schemas = [check_night(fs, night) for night in todo]
+    migrated = [migrate_night(config.table_settings, fs, night, schema)
+                for night, schema in zip(todo, schemas, strict=True)]
     return MigrationSummary(config.table, migrated, skipped)

@@ -34,7 +34,8 @@ from genre_pipeline.label.pipeline import (
     signal_tables,
 )
 from genre_pipeline.label.sink import ORIGIN_CARRIED, ORIGIN_RESUMED, ORIGIN_SCORED, LabelsTableSink, NightCounts
-from genre_pipeline.label.table import commit_night, committed_rows, open_table, read_snapshot
+from genre_pipeline.label.table import RUN_DATE_PROPERTY, commit_night, committed_rows, open_table, read_snapshot
+from genre_pipeline.label.table import night_properties as night_properties_of
 from genre_pipeline.model.checkpoints import pin_model
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ class FailedNightError(JobInputError, RuntimeError):
 
 class ShrinkingNightError(JobInputError, RuntimeError):
     """The night would drop too many of the previous night's movies; nothing was committed."""
+
+
+class NightOrderError(JobInputError, ValueError):
+    """A night older than the table's latest: committing it would turn the table's current labels back."""
 
 
 class IncompleteNightError(JobInputError, RuntimeError):
@@ -143,6 +148,13 @@ def discard(table: Table, sink: LabelsTableSink) -> None:
             logger.warning("could not delete %s: %s", data_file.file_path, error)
 
 
+def check_night_order(run_date: str, base: Snapshot | None) -> None:
+    latest = night_properties_of(base).get(RUN_DATE_PROPERTY)
+    if latest and run_date < latest:
+        raise NightOrderError(f"night {run_date} is older than the table's latest night {latest}: the table holds "
+                              "the current labels; read an earlier night by its tag night-<date>")
+
+
 def known_rows(config: LabelConfig, base: Snapshot | None, rows: int) -> KnownRows:
     previous = read_snapshot(config.table_settings, base) if base is not None else None
     staged = None if config.full else incremental.staged_rows(config.staging, config.storage_options,
@@ -163,6 +175,7 @@ def label_catalog(config: LabelConfig) -> LabelSummary:
     schema = labels_schema(model.meta.genres)
     table = open_table(config.table_settings, schema)
     base = table.current_snapshot()  # the commit happens only if the table is still at this snapshot
+    check_night_order(config.run_date, base)
     run_id = f"{config.run_date}-{uuid.uuid4().hex[:8]}"
     labels = build_label_dataset(config, model, resources, run_id=run_id, labelled_at=datetime.now(timezone.utc),
                                  night_digest=incremental.night_inputs_digest(model, tables),

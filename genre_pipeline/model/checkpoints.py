@@ -20,7 +20,6 @@ import pickle
 import platform
 import posixpath
 import re
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -173,7 +172,7 @@ class ModelPointer:
     uri: str  # of pointer.json itself
     checkpoint: str  # the version directory it names, resolved against the folder
     model_version: str
-    weights_sha256: str
+    weights_sha256: object  # as written; checked by pin_model
 
 
 def read_pointer(uri: str, options: storage.StorageOptions = storage.StorageOptions()) -> ModelPointer | None:
@@ -181,13 +180,14 @@ def read_pointer(uri: str, options: storage.StorageOptions = storage.StorageOpti
     pointer_uri = storage.join(uri, POINTER_FILE)
     try:
         pointer = json.loads(storage.read_bytes(pointer_uri, options))
-        target, version, digest = pointer["checkpoint"], pointer.get("model_version", ""), pointer.get("weights_sha256")
+        target, version, digest = str(pointer["checkpoint"]), pointer.get("model_version", ""), pointer.get(
+            "weights_sha256")
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{pointer_uri}: unreadable model pointer: {error}") from None
     directory = target if storage.is_remote(target) or os.path.isabs(target) else storage.relative_to(uri, target)
-    return ModelPointer(pointer_uri, directory, str(version), "" if digest is None else str(digest))
+    return ModelPointer(pointer_uri, directory, str(version), digest)
 
 
 def resolve_checkpoint(uri: str, options: storage.StorageOptions = storage.StorageOptions()) -> str:
@@ -196,9 +196,9 @@ def resolve_checkpoint(uri: str, options: storage.StorageOptions = storage.Stora
     return uri if pointer is None else pointer.checkpoint
 
 
-def checked_digest(value: str, where: str) -> str:
+def checked_digest(value: object, where: str) -> str:
     """`value` when it is a full sha256 (64 lowercase hex characters), else DigestError naming `where`."""
-    if SHA256_HEX.fullmatch(value):
+    if isinstance(value, str) and SHA256_HEX.fullmatch(value):
         return value
     raise DigestError(f"{where}: weights sha256 {value!r} is not a sha256 (64 lowercase hex characters): "
                       "nothing to pin the weights to; refusing the model")
@@ -351,21 +351,5 @@ def write_pointer(model_uri: str, checkpoint: str, meta: ModelMeta,
     pointer_uri = storage.join(model_uri, POINTER_FILE)
     pointer = {"checkpoint": checkpoint, "model_version": meta.model_version,
                "weights_sha256": checked_digest(meta.weights_sha256, pointer_uri)}
-    write_published(pointer_uri, json.dumps(pointer, indent=2).encode(), options)
+    storage.write_atomically(pointer_uri, json.dumps(pointer, indent=2).encode(), options)
     return pointer_uri
-
-
-def write_published(uri: str, data: bytes, options: storage.StorageOptions = storage.StorageOptions()) -> None:
-    """`storage.write_atomically`, but a local file gets the mode every other published file gets (0666 less the
-    umask): a temporary file's 0600 would lock out a label job running under another uid."""
-    if storage.is_remote(uri):
-        storage.write_atomically(uri, data, options)
-        return
-    path = storage.fsspec_filesystem(uri)[1]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = os.path.join(os.path.dirname(path), f".partial-{uuid.uuid4().hex}")
-    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
