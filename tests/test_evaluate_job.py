@@ -321,3 +321,30 @@ def test_a_model_other_than_the_labels_is_refused(inputs, tmp_path, caplog):
         assert run(inputs, "--model", model) == 2
     assert "is efficientnet_lite0-e2-abc, but the labels were written by cnn-test" in caplog.text
     assert not inputs["out"].exists()
+
+
+@pytest.mark.slow
+def test_evaluates_the_night_the_label_job_commits(ray_local, tmp_path):
+    """The label job's own table (its schema, input_key and all), read back by evaluation."""
+    from conftest import read_night, save_random_model
+
+    from genre_pipeline.data.catalog import write_catalog as write_catalogue
+    from genre_pipeline.data.sample import build_sample_catalog
+    from genre_pipeline.label.night import label_catalog
+    from genre_pipeline.label.pipeline import LabelConfig
+
+    catalogue = build_sample_catalog(str(tmp_path), 24, seed=3, poster_size=(48, 72))
+    write_catalogue(catalogue, str(tmp_path / "catalog.parquet"))
+    labels = str(tmp_path / "labels")
+    label_catalog(LabelConfig(catalog=str(tmp_path / "catalog.parquet"), model=save_random_model(tmp_path / "model"),
+                              output=labels, run_date=LATEST, poster_roots=(str(tmp_path),)))
+    out = tmp_path / "evaluation"
+    assert evaluate_job.main(["--labels", labels, "--catalog", str(tmp_path / "catalog.parquet"), "--split", "all",
+                              "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    night = read_night(labels).to_pylist()
+    ok = {row["movie_id"] for row in night if row["status"] == "ok"}
+    with_truth = {row["movie_id"] for row in catalogue.to_pylist() if row["genres"]}
+    assert ok and report["rows"]["evaluated"] == len(ok & with_truth)
+    assert report["labels"]["snapshot_id"] == nights(labels_table(labels))[LATEST]
+    assert report["model_versions"] == sorted({row["model_version"] for row in night})

@@ -12,6 +12,7 @@ from conftest import load_job
 from genre_pipeline.data.storage import StorageOptions
 from genre_pipeline.evaluate.report import EvaluateConfig
 from genre_pipeline.jobs_cli import STORAGE_FLAGS, flag_fields, flag_name
+from genre_pipeline.label.migrate import MigrateConfig
 from genre_pipeline.label.pipeline import LabelConfig
 from genre_pipeline.signals.ratings import RatingsConfig
 from genre_pipeline.signals.titles import TitleEmbeddingConfig
@@ -29,6 +30,7 @@ JOBS = {
     "evaluate": (EvaluateConfig, ["--labels", "l", "--catalog", "c"], {"labels": "l", "catalog": "c"}),
     "embed_titles": (TitleEmbeddingConfig, ["--catalog", "c", "--out", "o"], {"catalog": "c", "out": "o"}),
     "embed_ratings": (RatingsConfig, ["--ratings", "r", "--out", "o"], {"ratings": "r", "out": "o"}),
+    "migrate_labels": (MigrateConfig, ["--from", "f", "--output", "o"], {"source": "f", "output": "o"}),
     "train_fusion_model": (FusionJobConfig, ["--catalog", "c", "--storage-path", "s", "--name", "n"],
                            {"catalog": "c", "storage_path": "s", "name": "n"}),
 }

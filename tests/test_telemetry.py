@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, load_job, save_random_model
+from conftest import REPO, load_job, read_night, save_random_model
 from prometheus_client.parser import text_string_to_metric_families
 from ray_nodes import HeadNode, head_node
 
@@ -31,7 +31,8 @@ from genre_pipeline.data.catalog import CATALOG_SCHEMA
 from genre_pipeline.data.images import PreprocessSpec
 from genre_pipeline.data.sample import draw_poster, jpeg_bytes
 from genre_pipeline.genres import GENRES
-from genre_pipeline.label.pipeline import LabelConfig, LabelSummary
+from genre_pipeline.label.night import LabelSummary
+from genre_pipeline.label.pipeline import LabelConfig
 from genre_pipeline.model.checkpoints import ModelMeta
 from genre_pipeline.statuses import STATUSES
 
@@ -91,7 +92,8 @@ def pushed_label_names(monkeypatch) -> set[str]:
     """The names the label job pushes, from its own push_metrics (the push itself is captured, not sent)."""
     job, pushed = load_job("label_catalog"), {}
     monkeypatch.setattr(job, "push_job_outcome", lambda gateway, **kwargs: pushed.update(kwargs))
-    summary = LabelSummary("out/run_date=2026-01-01", "2026-01-01-abc", "cnn-e1-x", {"ok": 3, "fetch_failed": 1}, 2.0)
+    summary = LabelSummary("genre_pipeline.labels", 1, "2026-01-01-abc", "cnn-e1-x", {"ok": 3, "fetch_failed": 1},
+                           {"scored": 4}, 0, 1.0, 2.0)
     job.push_metrics("gateway:9091", LabelConfig(catalog="c", model="m", output="o", run_date="2026-01-01"), summary)
     registry = telemetry.outcome_registry(pushed["gauges"], pushed["labelled"])
     assert (pushed["job"], pushed["run"]) == ("genre_pipeline_label", "2026-01-01")
@@ -242,7 +244,7 @@ def test_ray_exports_the_label_jobs_live_metrics(fast_metrics_node, tmp_path):
                                      "--output", str(tmp_path / "labels"), "--run-date", run_date, "--batch-size", "4",
                                      "--max-failed-fraction", "1")  # the fixture is mostly bad posters on purpose
     assert done.returncode == 0, done.stderr[-3000:]
-    labels = pq.read_table(tmp_path / "labels" / f"run_date={run_date}", columns=["status"])
+    labels = read_night(tmp_path / "labels", run_date)
     assert dict(Counter(labels["status"].to_pylist())) == expected_status_counts()
     expected = {"posters": {s: float(n) for s, n in expected_status_counts().items()},
                 "rows_written": float(len(LABEL_INPUT_STATUS))}

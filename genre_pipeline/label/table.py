@@ -110,7 +110,7 @@ def load_catalog(settings: TableSettings) -> Catalog:
         return load_named_catalog(name, **properties)
     except (ValueError, OSError) as error:
         raise TableSettingsError(f"Iceberg catalog {name!r}: {error} (configure it with "
-                                 f"PYICEBERG_CATALOG__{name.upper()}__TYPE and __URI)") from None
+                                 f"PYICEBERG_CATALOG__{name.upper().replace('-', '_')}__TYPE and __URI)") from None
 
 
 def read_snapshot(settings: TableSettings, snapshot: Snapshot) -> ray.data.Dataset:
