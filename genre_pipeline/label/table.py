@@ -166,7 +166,7 @@ def night_snapshot(table: Table, run_date: str | None = None) -> Snapshot:
     if run_date is None:
         snapshot = table.current_snapshot()
         if snapshot is None:
-            raise NoNightError(f"{table.name()}: no night committed yet")
+            raise NoNightError(f"{'.'.join(table.name())}: no night committed yet")
         return snapshot
     known = nights(table)
     if run_date not in known:
