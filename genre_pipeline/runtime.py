@@ -37,7 +37,11 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     # Jobs log their own progress; Ray Data's per-operator progress bars would flood CI logs and job logs.
-    ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("GENRE_PIPELINE_PROGRESS"))
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = bool(os.environ.get("GENRE_PIPELINE_PROGRESS"))
+    # A bad input found in a task (a model an actor refuses) reaches the driver as itself, not as a message inside
+    # a UserCodeException: run_job then exits 2 with it.
+    context.raise_original_map_exception = True
     ray.init(log_to_driver=True)
 
 

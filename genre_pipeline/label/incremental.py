@@ -30,6 +30,7 @@ import ray
 from ray.data.block import BlockAccessor
 
 from genre_pipeline.data import storage
+from genre_pipeline.errors import JobInputError
 from genre_pipeline.label.actor import PosterLabeller
 from genre_pipeline.label.contract import INPUT_KEY, labels_schema
 from genre_pipeline.label.sink import (
@@ -195,12 +196,21 @@ class IncrementalLabeller(PosterLabeller):
     and returns every row of the block as a label row with its origin."""
 
     def __init__(self, *, staging: str, reuse: bool, **labeller_kwargs) -> None:
-        super().__init__(**labeller_kwargs)
+        self.refused: JobInputError | None = None
+        try:
+            super().__init__(**labeller_kwargs)
+        except JobInputError as error:
+            # Raised from the first call instead: an actor dying in __init__ reaches the driver as a bare
+            # ActorDiedError message, which would exit 1 with a traceback instead of 2 with this error.
+            self.refused = error
+            return
         self.schema = labels_schema(self.label_kwargs["genres"])
         self.staging = staging
         self.reuse = reuse
 
     def __call__(self, block: pa.Table) -> pa.Table:
+        if self.refused is not None:
+            raise self.refused
         origins = reuse_origins(block, reuse=self.reuse)
         parts = []
         to_score = origins == None  # noqa: E711
