@@ -87,8 +87,8 @@ def shortfall(pool: Pool, nodes: Sequence[NodeResources]) -> str | None:
     if pool.gpus and gpus + EPSILON < pool.count * pool.gpus:
         return f"{pool.describe()}: the cluster has {amount(gpus, 'GPU')}"
     beside = f" beside the {amount(pool.spare_cpus, 'CPU')} Ray Data's tasks need" if pool.spare_cpus else ""
-    if cpus + EPSILON < pool.count * pool.cpus + pool.spare_cpus:
-        return f"{pool.describe()}{beside}: the cluster has {amount(cpus, 'CPU')}"
+    if cpus + EPSILON < (needed := pool.count * pool.cpus + pool.spare_cpus):
+        return f"{pool.describe()}{beside} ({amount(needed, 'CPU')} in all): the cluster has {amount(cpus, 'CPU')}"
     places = [places_on(node, pool) for node in nodes]
     on_nodes = f"the live nodes ({'; '.join(node.describe() for node in nodes)})"
     if sum(places) < pool.count:

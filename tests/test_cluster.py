@@ -17,10 +17,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import pyarrow.dataset as pads
 import pytest
 import ray
-from conftest import REPO, save_random_model, write_sample_parts
+from conftest import REPO, labels_table, read_night, save_random_model, write_sample_parts
 from ray_nodes import (
     DEADLINE_SECONDS,
     HeadNode,
@@ -86,7 +85,8 @@ def test_the_spare_cpu_must_be_whole_on_one_node():
         "(2 CPUs; 2 CPUs) keeps those free once they are placed")
     assert shortfall(Pool("Ray Train worker", 3, cpus=1, spare_cpus=1), nodes) is None
     assert shortfall(Pool("Ray Train worker", 4, cpus=1, spare_cpus=1), nodes) == (
-        "4 Ray Train workers of 1 CPU each beside the 1 CPU Ray Data's tasks need: the cluster has 4 CPUs")
+        "4 Ray Train workers of 1 CPU each beside the 1 CPU Ray Data's tasks need (5 CPUs in all): the cluster "
+        "has 4 CPUs")
 
 
 def test_waiting_for_nodes_ends_when_they_come_or_at_the_deadline(monkeypatch):
@@ -147,6 +147,16 @@ def test_gpu_actors_on_a_ray_without_gpus_are_refused_before_any_work(ray_local)
         check_resources(training, 0)
 
 
+def test_training_workers_that_leave_ray_data_no_cpu_get_a_size_that_fits(ray_local):
+    config = TrainJobConfig(catalog="c", storage_path="s", name="n", num_workers=2, cpus_per_worker=1)
+    with pytest.raises(TrainResourcesError) as refused:
+        check_resources(config, 0)
+    assert str(refused.value) == (
+        "2 Ray Train workers of 1 CPU each beside the 1 CPU Ray Data's tasks need (3 CPUs in all): the cluster has "
+        "2 CPUs: the job would wait forever; try --cpus-per-worker 0.5 or fewer workers, or add nodes")
+    check_resources(dataclasses.replace(config, cpus_per_worker=0.5), 0)
+
+
 @ray.remote(num_cpus=2)
 class CpuHolder:
     """Another job's actor that holds the local Ray's 2 CPUs."""
@@ -201,7 +211,8 @@ def outcome(**changes):
     except ActorResourcesError as error:
         return str(error)
 print(json.dumps({"default": outcome(), "one": outcome(actors=1), "two": outcome(actors=2),
-                  "two halves": outcome(actors=2, num_gpus_per_actor=0.5), "cpus": outcome(cpus_per_actor=2)}))
+                  "two halves": outcome(actors=2, num_gpus_per_actor=0.5, cpus_per_actor=0.5),
+                  "cpus": outcome(cpus_per_actor=2)}))
 """
 
 
@@ -209,11 +220,11 @@ print(json.dumps({"default": outcome(), "one": outcome(actors=1), "two": outcome
 def test_a_gpu_pool_that_fits_is_sized_and_one_that_does_not_is_refused(gpu_node):
     found = json.loads(on_node(gpu_node, RESOLVE_ON_NODE).strip().splitlines()[-1])
     assert found["default"] == found["one"] == {"actors": 1, "cpus": 1.0, "threads": 1}
-    assert found["two halves"] == {"actors": 2, "cpus": 1.0, "threads": 1}
+    assert found["two halves"] == {"actors": 2, "cpus": 0.5, "threads": 1}  # half a GPU and a CPU each
     assert found["two"].startswith("2 label actors of 1 GPU and 1 CPU each: the cluster has 1 GPU:"), found
     # the node's 2 CPUs: the actor's 2 leave none for Ray Data's tasks
-    assert found["cpus"].startswith("1 label actor of 1 GPU and 2 CPUs beside the 1 CPU Ray Data's tasks need: "
-                                    "the cluster has 2 CPUs"), found
+    assert found["cpus"].startswith("1 label actor of 1 GPU and 2 CPUs beside the 1 CPU Ray Data's tasks need "
+                                    "(3 CPUs in all): the cluster has 2 CPUs"), found
 
 
 @pytest.fixture(scope="module")
@@ -237,30 +248,39 @@ def test_the_label_job_refuses_a_gpu_pool_the_cluster_cannot_hold_with_exit_2(gp
     assert "2 label actors of 1 GPU and 1 CPU each: the cluster has 1 GPU" in done.stderr, done.stderr[-3000:]
 
 
-HOLD_THE_GPU = """
+@pytest.fixture(scope="module")
+def four_cpu_node() -> Iterator[HeadNode]:
+    with head_node("--num-cpus=4") as node:  # the last --num-cpus counts
+        yield node
+
+
+HOLD_TWO_CPUS = """
 import ray
-ray.init(log_to_driver=False)
-@ray.remote(num_gpus=1, num_cpus=0)
+ray.init(namespace="held", log_to_driver=False)
+@ray.remote(num_cpus=2)
 class Holder:
     def ready(self):
         return True
-holder = Holder.options(name="gpu-holder", lifetime="detached").remote()
+holder = Holder.options(name="cpu-holder", lifetime="detached").remote()
 print(ray.get(holder.ready.remote()))
 """
-RELEASE_THE_GPU = "import ray; ray.init(log_to_driver=False); ray.kill(ray.get_actor('gpu-holder'))"
+RELEASE_TWO_CPUS = "import ray; ray.init(namespace='held', log_to_driver=False); ray.kill(ray.get_actor('cpu-holder'))"
 
 
 @pytest.mark.slow
-def test_a_gpu_pool_held_by_another_job_fails_within_the_start_timeout(gpu_node, label_inputs):
-    """The pool fits the cluster, but another job holds its GPU: Ray Data would wait for the actor forever."""
-    assert on_node(gpu_node, HOLD_THE_GPU).strip().endswith("True")
+def test_a_label_pool_held_by_another_job_fails_within_the_start_timeout(four_cpu_node, label_inputs):
+    """The pool fits the cluster (one actor of the node's 4 CPUs less Ray Data's 1), but another job holds 2 of
+    them: Ray Data would wait for the actor forever. Its own tasks still have the CPU they need."""
+    assert on_node(four_cpu_node, HOLD_TWO_CPUS).strip().endswith("True")
     try:
-        done = label_on_gpus(gpu_node, label_inputs, "--actors", "1", "--start-timeout", "5")
+        done = four_cpu_node.run_job("label_catalog", "--catalog", label_inputs["catalog"], "--model",
+                                     label_inputs["model"], "--output", label_inputs["output"], "--run-date",
+                                     "2026-01-01", "--start-timeout", "5")
     finally:
-        on_node(gpu_node, RELEASE_THE_GPU)
+        on_node(four_cpu_node, RELEASE_TWO_CPUS)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert ("1 label actor of 1 GPU and 1 CPU did not start within --start-timeout 5 s" in done.stderr
-            ), done.stderr[-3000:]
+    assert "1 label actor of 3 CPUs did not start within --start-timeout 5 s" in done.stderr, done.stderr[-3000:]
+    assert labels_table(label_inputs["output"]).current_snapshot() is None  # nothing committed
 
 
 # --- ray job submit to two nodes ---------------------------------------------------------------------------------
@@ -348,11 +368,11 @@ def wait_for_job(cluster: Cluster, job_id: str) -> str:
 def predictor_actors(cluster: Cluster) -> list[dict]:
     listed = ray_cli("list", "actors", "--address", cluster.dashboard, "--format", "json", "--detail",
                      "--limit", "10000", env=cluster.env)
-    return [a for a in json.loads(listed.stdout) if "PosterLabeller" in a.get("class_name", "")]
+    return [a for a in json.loads(listed.stdout) if "Labeller" in a.get("class_name", "")]
 
 
 def assert_one_row_per_movie(output: str) -> None:
-    labels = pads.dataset(f"{output}/run_date=2026-11-21", format="parquet").to_table(columns=["movie_id"])
+    labels = read_night(output, "2026-11-21").select(["movie_id"])
     assert labels.num_rows == MOVIES
     assert sorted(labels["movie_id"].to_pylist()) == list(range(1, MOVIES + 1))
 
@@ -396,5 +416,5 @@ def test_losing_a_node_mid_run_still_labels_every_movie_once(cluster, inputs, tm
     logs = ray_cli("job", "logs", "--address", cluster.dashboard, job_id, env=cluster.env).stdout
     assert f"Job '{job_id}' succeeded" in status, logs[-3000:]
     assert_one_row_per_movie(output)
-    labels = pads.dataset(f"{output}/run_date=2026-11-21", format="parquet").to_table().to_pylist()
+    labels = read_night(output, "2026-11-21").to_pylist()
     assert {row["status"] for row in labels if row["poster_uri"]} == {"ok"}

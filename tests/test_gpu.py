@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA device here: comparing CUDA's output with the CPU's needs one")
+                                reason="no CUDA device here: the gpu tests run on CUDA and compare it with the CPU")
 SMALL = 64  # model input side: enough for the models' pooling, small enough to keep the CPU reference quick
 
 

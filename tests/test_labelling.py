@@ -141,9 +141,9 @@ def test_cpu_actors_share_the_node_and_leave_ray_data_a_cpu(ray_local, catalog, 
     assert resolve_actor_resources(config, rows=60) == ActorResources(actors=1, cpus=1.0, threads=2)
     assert resolve_actor_resources(replace(config, actors=1)) == ActorResources(actors=1, cpus=1.0, threads=2)
     assert resolve_actor_resources(replace(config, actors=4)) == ActorResources(actors=4, cpus=0.25, threads=1)
-    # no GPU in this cluster: the GPU default is still one actor (an autoscaler may add the GPU)
-    assert resolve_actor_resources(replace(config, num_gpus_per_actor=1)) == ActorResources(
-        actors=1, cpus=1.0, threads=1)
+    # no GPU in this cluster: a GPU pool could never start, so it is refused before any work
+    with pytest.raises(ActorResourcesError, match="1 label actor of 1 GPU and 1 CPU: the cluster has 0 GPUs"):
+        resolve_actor_resources(replace(config, num_gpus_per_actor=1))
     with pytest.raises(ActorResourcesError, match="--cpus-per-actor 2 x 2 actors per node"):
         resolve_actor_resources(replace(config, cpus_per_actor=2))
 

@@ -18,6 +18,7 @@ import json
 import logging
 import posixpath
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -483,6 +484,9 @@ COMMIT_NIGHT = "2026-11-29"
 COMMIT_STATUS = SMALL_STATUS | {6: "refused_poster"}
 MOVIES = len(COMMIT_STATUS)
 KILL_STEPS = ("model.pinned", "commit.files_written", "commit.start", "commit.metadata_written", "commit.done")
+# Two runs at once on the module's 2-CPU node: each actor takes half of the CPU the default gives one run's
+# actor, leaving Ray Data the whole CPU its repartition tasks need (else both runs wait for it forever).
+SHARED_NODE = ("--actors", "1", "--cpus-per-actor", "0.5", "--threads-per-actor", "1")
 POLL_SECONDS = 0.1  # between a reader's scans: moto answers the jobs from this process too
 
 
@@ -507,23 +511,32 @@ def current_night(s3: S3Server, prefix: str) -> tuple[int, int, int, str] | None
 
 
 def data_objects(s3: S3Server, prefix: str) -> set[str]:
-    return {f"s3://{BUCKET}/{key}" for key in s3.objects(BUCKET, f"{prefix}/{TABLE_FOLDER}/data/")}
+    """The data files in the table's data/ folder. Not the empty `data/` marker: pyarrow's S3 delete (a run
+    deleting the files it did not commit) PUTs one for the parent of what it deleted."""
+    keys = s3.objects(BUCKET, f"{prefix}/{TABLE_FOLDER}/data/")
+    return {f"s3://{BUCKET}/{key}" for key in keys if not key.endswith("/")}
 
 
-def finish_job(process) -> tuple[int, str, str]:
+def finish_job(process: subprocess.Popen) -> tuple[int, str, str]:
+    """The job's exit code, stdout and stderr; a job still running at the deadline is killed and fails the test
+    (its -9 must never pass for a failpoint's kill)."""
     try:
         out, err = process.communicate(timeout=DEADLINE_SECONDS)
-    finally:
+    except subprocess.TimeoutExpired:
         process.kill()
+        _, err = process.communicate()
+        raise AssertionError(f"the job did not end within {DEADLINE_SECONDS}s:\n{err[-3000:]}") from None
     return process.returncode, out, err
 
 
-def wait_for_pauses(path: Path, processes: list, count: int) -> None:
+def wait_for_pauses(path: Path, processes: list[subprocess.Popen], count: int) -> None:
     """Until `count` processes wrote their pid to the failpoint's `.reached` file."""
     deadline = time.monotonic() + DEADLINE_SECONDS
     while not path.exists() or len(path.read_text().split()) < count:
         if any(p.poll() is not None for p in processes) or time.monotonic() > deadline:
-            logs = [finish_job(p)[2][-3000:] for p in processes]
+            for process in processes:
+                process.kill()
+            logs = [process.communicate()[1][-3000:] for process in processes]
             raise AssertionError(f"{path.name}: not {count} pids in time:\n" + "\n---\n".join(logs))
         time.sleep(0.05)
 
@@ -597,7 +610,7 @@ def test_of_two_concurrent_runs_on_s3_exactly_one_commits_and_readers_see_whole_
     before_files = data_objects(s3, prefix)
     poller = NightPoller(s3, prefix)
     poller.start()
-    runs = [s3.ray.start_job("label_catalog", *commit_job(small, prefix, "--full"),
+    runs = [s3.ray.start_job("label_catalog", *commit_job(small, prefix, "--full", *SHARED_NODE),
                              **{ENV_VAR: "commit.start=pause", DIR_ENV_VAR: str(pauses)}) for _ in range(2)]
     wait_for_pauses(pauses / "commit.start.reached", runs, 2)
     (pauses / "commit.start.release").touch()

@@ -195,8 +195,9 @@ def test_worker_sizes_that_leave_ray_data_no_cpu_are_refused_at_once(ray_local, 
     code = job.main(["--catalog", str(sample_catalog), "--storage-path", str(tmp_path), "--name", "starved",
                      "--arch", "cnn", "--head-epochs", "0", "--num-workers", "2", "--cpus-per-worker", "1"])
     assert code == 2
-    assert "needs 3 CPUs with the 1 Ray Data decodes posters on, but the cluster has 2 CPUs" in caplog.text
-    assert "Try --cpus-per-worker 0.5" in caplog.text
+    assert ("2 Ray Train workers of 1 CPU each beside the 1 CPU Ray Data's tasks need (3 CPUs in all): the cluster "
+            "has 2 CPUs") in caplog.text
+    assert "try --cpus-per-worker 0.5" in caplog.text
     assert not (tmp_path / "starved").exists()
 
 

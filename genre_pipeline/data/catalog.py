@@ -222,10 +222,9 @@ def catalog_dataset(path: str, filesystem: pafs.FileSystem, *, num_cpus: float =
     """The catalogue through Ray Data's first Parquet reader.
 
     Ray 2.60's default reader (DataSource V2) lists a read by opening every file's footer on a pool of 32
-    actors, a worker process each, even for a one-file catalogue: on a 2-CPU node its listing task ran 4 s
-    of the 7 s the job took for 8 posters and delayed the label actors' start (without it: 4.7 to 5 s). The
-    first reader reads footers in the calling process (in tasks for many files) and reads the same rows; the
-    flag is read only when the read is planned.
+    actors, a worker process each, even for a one-file catalogue: on a small node that delays the label actors'
+    start (docs/performance.md). The first reader reads footers in the calling process (in tasks for many
+    files) and reads the same rows; the flag is read only when the read is planned.
     """
     context = ray.data.DataContext.get_current()
     default_reader = context.use_datasource_v2

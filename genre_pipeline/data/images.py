@@ -3,8 +3,8 @@
 
 Everything is driven by a `PreprocessSpec` stored in the checkpoint, so the label job preprocesses exactly
 as training did and never takes these settings from its command line. Free of torch on purpose: Ray Data's
-fetch workers import this module, and torch would add ~400 MB and seconds of start-up to each (the resize
-imports torch when first called).
+fetch workers import this module, and torch would add hundreds of MB and seconds of start-up to each (the
+resize imports torch when first called).
 """
 
 from __future__ import annotations

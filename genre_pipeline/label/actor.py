@@ -33,8 +33,8 @@ def model_lock(predictor: GenrePredictor) -> contextlib.AbstractContextManager:
 
     A GPU, or a model on several CPU threads, takes one call at a time: the other prepares its batch meanwhile.
     A single-threaded CPU model scores both calls at once, each on its own thread: a call queued behind the
-    lock would wait there while another actor, out of work at the run's end, leaves its core idle (resnet50 on
-    1500 posters, 2 actors: with the lock one actor ran 19 s longer than the other).
+    lock would wait there while another actor, out of work at the run's end, leaves its core idle
+    (docs/performance.md).
     """
     if predictor.device.type == "cpu" and predictor.threads == 1:
         return contextlib.nullcontext()

@@ -17,6 +17,7 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 
 from genre_pipeline import failpoints
+from genre_pipeline.cuda_guard import check_gpu_workers
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import REQUIRED_COLUMNS, CatalogError, catalog_dataset, validate_schema
 from genre_pipeline.errors import JobInputError
@@ -172,6 +173,8 @@ def label_catalog(config: LabelConfig) -> LabelSummary:
     tables = signal_tables(config, model.meta)
     rows = count_catalog(config.catalog, config.storage_options)
     resources = resolve_actor_resources(config, rows)  # a pool that could never run fails before any work
+    if config.on_gpu:  # a node whose driver cannot run the image's CUDA fails here, not at the first batch
+        check_gpu_workers(config.start_timeout)
     schema = labels_schema(model.meta.genres)
     table = open_table(config.table_settings, schema)
     base = table.current_snapshot()  # the commit happens only if the table is still at this snapshot

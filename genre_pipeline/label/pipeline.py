@@ -113,8 +113,8 @@ class LabelConfig:
         f"included); then the job exits 2, committing nothing (default {cluster.DEFAULT_START_TIMEOUT_SECONDS:g})",
         type=positive_float))
     precision: str = field(default="auto", metadata=flag(
-        "auto: bf16 autocast on GPUs, fp32 on CPUs; bf16 on CPUs is faster on AVX512-BF16 cores (1.8x for "
-        "resnet50) and moves scores slightly: compare two nights with evaluate.py", choices=PRECISIONS))
+        "auto: bf16 autocast on GPUs, fp32 on CPUs; bf16 on CPUs is faster on AVX512-BF16 cores and moves "
+        "scores slightly: compare two nights with evaluate.py", choices=PRECISIONS))
     compile_model: bool = field(default=False, metadata=flag(
         "torch.compile the model in each actor (GPU runs)", name="--compile"))
     poster_roots: tuple[str, ...] = field(default=(), metadata=flag(
@@ -211,8 +211,8 @@ def size_gpu_actors(config: LabelConfig, nodes: list[cluster.NodeResources]) -> 
     whole CPU Ray Data's read and decode tasks need."""
     gpus = sum(node.gpus for node in nodes)
     actors = config.actors or max(1, int(gpus / config.num_gpus_per_actor + cluster.EPSILON))
-    resources = ActorResources(actors, cpus := config.cpus_per_actor or 1.0,
-                               config.threads_per_actor or max(1, math.ceil(cpus)))
+    cpus = config.cpus_per_actor or 1.0
+    resources = ActorResources(actors, cpus, config.threads_per_actor or max(1, math.ceil(cpus)))
     cluster.check_pool(actor_pool(config, resources), nodes, error=ActorResourcesError,
                        advice="lower --actors, --num-gpus-per-actor or --cpus-per-actor, or add GPU nodes")
     return resources

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -102,6 +103,7 @@ def catalog_properties(settings: TableSettings) -> dict[str, str]:
 
 
 def load_catalog(settings: TableSettings) -> Catalog:
+    ensure_working_directory()
     properties = catalog_properties(settings)
     name = properties.pop("name")
     if settings.catalog == EMBEDDED_CATALOG:
@@ -111,6 +113,15 @@ def load_catalog(settings: TableSettings) -> Catalog:
     except (ValueError, OSError) as error:
         raise TableSettingsError(f"Iceberg catalog {name!r}: {error} (configure it with "
                                  f"PYICEBERG_CATALOG__{name.upper().replace('-', '_')}__TYPE and __URI)") from None
+
+
+def ensure_working_directory() -> None:
+    """pyiceberg looks for its .pyiceberg.yaml in the working directory; a `ray job submit` driver can find its
+    working directory removed under it (the job's unpacked --working-dir), which would fail every catalog load."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(tempfile.gettempdir())
 
 
 def read_snapshot(settings: TableSettings, snapshot: Snapshot) -> ray.data.Dataset:

@@ -51,8 +51,8 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast: the default on GPUs; on CPUs an option (1.8x for resnet50 on AVX512-BF16 cores) that moves
-    scores slightly: label a night with each precision and compare their `evaluate.py` reports."""
+    """bf16 autocast: the default on GPUs; on CPUs an option, faster on AVX512-BF16 cores (docs/performance.md),
+    that moves scores slightly: label a night with each precision and compare their `evaluate.py` reports."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VA
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
 from genre_pipeline import cluster
+from genre_pipeline.cuda_guard import check_gpu_workers
 from genre_pipeline.data import storage
 from genre_pipeline.errors import ConfigError, JobInputError
 from genre_pipeline.evaluate.metrics import THRESHOLD_OBJECTIVES
@@ -208,10 +210,20 @@ def worker_pool(config: TrainWorkers) -> cluster.Pool:
 def check_resources(config: TrainWorkers, wait_seconds: float) -> None:
     """Refuse workers that no node can hold with their CPUs (and GPU), or that leave Ray Data no CPU for its
     decoding; a joined cluster gets `wait_seconds` for its nodes to appear first."""
-    advice = (f"lower --num-workers {config.num_workers} or --cpus-per-worker {config.cpus_per_worker:g}"
-              f"{', drop --use-gpu' if config.use_gpu else ''}, or add nodes")
-    cluster.within(wait_seconds, lambda: cluster.check_pool(worker_pool(config), cluster.live_nodes(),
-                                                            advice=advice, error=TrainResourcesError))
+
+    def attempt() -> None:
+        nodes = cluster.live_nodes()
+        cluster.check_pool(worker_pool(config), nodes, advice=worker_advice(config, nodes),
+                           error=TrainResourcesError)
+
+    cluster.within(wait_seconds, attempt)
+
+
+def worker_advice(config: TrainWorkers, nodes: list[cluster.NodeResources]) -> str:
+    """The CPUs per worker the cluster's CPUs would hold beside Ray Data's, as a suggestion."""
+    fitting = math.floor((sum(node.cpus for node in nodes) - DATA_CPU_RESERVE) / config.num_workers * 10) / 10
+    smaller = f"--cpus-per-worker {fitting:g} or " if 0 < fitting < config.cpus_per_worker else ""
+    return f"try {smaller}fewer workers{', or GPU nodes' if config.use_gpu else ''}, or add nodes"
 
 
 def failure_config() -> ray.train.FailureConfig:
@@ -305,6 +317,8 @@ def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
     check_resume(config, loop)
     # A Ray this job started itself cannot grow; a joined cluster may still be adding nodes.
     check_resources(config, config.start_timeout if os.environ.get("RAY_ADDRESS") else 0)
+    if config.use_gpu:  # a node whose driver cannot run the image's CUDA fails here, not in the first step
+        check_gpu_workers(config.start_timeout)
     logger.info("training on %d posters, validating on %d", train_rows.num_rows, val_rows.num_rows)
     size = loop.preprocess.shape
 

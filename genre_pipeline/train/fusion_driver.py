@@ -18,6 +18,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from genre_pipeline.cuda_guard import check_gpu_workers
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import CatalogError, read_catalog
 from genre_pipeline.data.posters import decode_posters, fetch_posters
@@ -33,12 +34,13 @@ from genre_pipeline.signals.join import check_tables, join_signals
 from genre_pipeline.train.data import fingerprint, split_rows
 from genre_pipeline.train.driver import (
     DEFAULT_ARCH,
-    MAX_WORKER_FAILURES,
     RESOURCE_WAIT_SECONDS,
     TrainSummary,
     WholeValidationSplit,
     check_resources,
     check_settings_unchanged,
+    failure_config,
+    fit_within,
     publish_best,
 )
 from genre_pipeline.train.fusion_loop import (
@@ -195,6 +197,8 @@ def build_trainer(config: FusionJobConfig) -> TorchTrainer:
     loop = loop_config(config, metas, train_rows, val_rows)
     check_resume(config, loop)
     check_resources(config, RESOURCE_WAIT_SECONDS if os.environ.get("RAY_ADDRESS") else 0)
+    if config.use_gpu:  # a node whose driver cannot run the image's CUDA fails here, not in the first step
+        check_gpu_workers()
     logger.info("fusion of %s: training on %d movies, validating on %d", "+".join(loop.signals),
                 train_rows.num_rows, val_rows.num_rows)
     fs, path = storage.arrow_filesystem(config.storage_path, config.storage_options)
@@ -207,7 +211,7 @@ def build_trainer(config: FusionJobConfig) -> TorchTrainer:
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=path, storage_filesystem=fs,
             worker_runtime_env={"env_vars": TORCH_WORKER_ENV},
-            failure_config=ray.train.FailureConfig(max_failures=MAX_WORKER_FAILURES),
+            failure_config=failure_config(),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=MONITOR, checkpoint_score_order="max")),
         datasets={TRAIN_DATASET: to_dataset(train_rows, config, loop), VAL_DATASET: to_dataset(val_rows, config, loop)},
@@ -216,5 +220,5 @@ def build_trainer(config: FusionJobConfig) -> TorchTrainer:
 
 
 def run_fusion_training(config: FusionJobConfig) -> TrainSummary:
-    return publish_best(build_trainer(config).fit(), config, MONITOR)
+    return publish_best(fit_within(build_trainer(config), config, RESOURCE_WAIT_SECONDS), config, MONITOR)
 

@@ -1,14 +1,16 @@
 #!/bin/sh
-# Renders tonight's labelling RayJob: label-rayjob.yaml with every ${NAME} replaced by the environment
-# variable NAME. Runs in the CronJob's init container (busybox sh + awk) and, unchanged, in the tests.
+# Renders tonight's labelling RayJob: the TEMPLATE files joined in order (the RayJob's head, then its Ray
+# cluster), with every ${NAME} replaced by the environment variable NAME. Runs in the CronJob's init container
+# (busybox sh + awk) and, unchanged, in the tests.
 #
-#   render-label-rayjob.sh TEMPLATE OUTPUT
+#   render-label-rayjob.sh OUTPUT TEMPLATE...
 #
 # RUN_DATE defaults to today's date in UTC; set it (YYYY-MM-DD) to render a backfill by hand.
 set -eu
 
-template=${1:?usage: render-label-rayjob.sh TEMPLATE OUTPUT}
-output=${2:?usage: render-label-rayjob.sh TEMPLATE OUTPUT}
+output=${1:?usage: render-label-rayjob.sh OUTPUT TEMPLATE...}
+shift
+[ $# -gt 0 ] || { echo "usage: render-label-rayjob.sh OUTPUT TEMPLATE..." >&2; exit 2; }
 
 RUN_DATE=${RUN_DATE:-$(date -u +%F)}
 case "$RUN_DATE" in
@@ -31,6 +33,6 @@ awk '
     }
     print out line
   }
-' "$template" > "$output"
+' "$@" > "$output"
 
 echo "render: genre-label-$RUN_DATE -> $output"
