@@ -20,6 +20,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +37,8 @@ TARGET_PEAK_RATIO = 1.10  # the largest catalogue's driver peak over the smalles
 NIGHTS = ("2026-01-01", "2026-01-02")  # first: every movie scored; second: every movie carried over
 MiB = 2**20
 RESULT_PREFIX = "RESULT "  # the line a night process prints its measurements on
+# Outside the repository; the generated catalogues are kept here between runs.
+WORK_DIR = Path(tempfile.gettempdir()) / "genre_pipeline_driver_memory"
 
 
 def write_catalog_without_posters(path: Path, movies: int) -> None:
@@ -157,11 +160,15 @@ def format_report(report: dict) -> list[str]:
     return lines
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each flag's default after its help."""
+
+
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--movies", type=int, nargs="+", default=[20_000, 200_000],
                         help="catalogue sizes, each measured in its own subprocess")
-    parser.add_argument("--work-dir", type=Path, default=Path("bench_driver_memory"),
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR,
                         help="where the catalogues (kept between runs), the model and the labels go")
     parser.add_argument("--report", type=Path, default=None, help="write the report as JSON here")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one size's subprocess may take")

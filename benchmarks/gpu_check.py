@@ -58,8 +58,8 @@ from genre_pipeline.data.tensors import to_model_input  # noqa: E402
 from genre_pipeline.genres import GENRES, encode_many  # noqa: E402
 from genre_pipeline.model.architectures import ARCHS, build_model, default_preprocess  # noqa: E402
 from genre_pipeline.model.checkpoints import ModelMeta, save_checkpoint  # noqa: E402
-from genre_pipeline.model.fusion import POSTER  # noqa: E402
 from genre_pipeline.model.predictor import GenrePredictor  # noqa: E402
+from genre_pipeline.model.signals import POSTER
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_CUDA = 0, 1, 3
 NO_CUDA_MESSAGE = "no CUDA device: nothing to check"

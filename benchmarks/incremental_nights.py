@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -49,6 +50,8 @@ TARGET_SCORING_RATIO = 0.05  # (c)'s pipeline time over (a)'s: an incremental ni
 WARM_UP_MOVIES = 64  # one block: enough for Ray Data to start its own actors
 NIGHTS = {"full": ("(a)", "2026-01-01"), "unchanged": ("(b)", "2026-01-02"), "changed": ("(c)", "2026-01-03")}
 SEED = 11
+# Outside the repository; the generated catalogues are kept here between runs.
+WORK_DIR = Path(tempfile.gettempdir()) / "genre_pipeline_incremental_nights"
 
 
 class NightSummary(Protocol):
@@ -186,8 +189,12 @@ def run_nights(catalog: Path, model: str, output: Path, changed_fraction: float)
     return summaries, changed
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each flag's default after its help."""
+
+
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--movies", type=int, default=20_000, help="movies in the generated catalogue")
     parser.add_argument("--changed-fraction", type=float, default=0.01,
                         help="fraction of the posters that change before night (c) (at least one)")
@@ -195,7 +202,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=128, help="the model's input width in pixels")
     parser.add_argument("--poster-size", type=int, nargs=2, default=POSTER_SIZE, metavar=("WIDTH", "HEIGHT"),
                         help="generated posters' size")
-    parser.add_argument("--work-dir", type=Path, default=Path("bench_incremental_nights"),
+    parser.add_argument("--work-dir", type=Path, default=WORK_DIR,
                         help="where the catalogue (kept between runs), the model and the labels go")
     parser.add_argument("--report", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args()

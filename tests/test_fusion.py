@@ -18,7 +18,8 @@ from genre_pipeline.genres import GENRES, encode_many
 from genre_pipeline.label.night import label_catalog
 from genre_pipeline.label.pipeline import LabelConfig, SignalTablesError
 from genre_pipeline.model.checkpoints import read_meta
-from genre_pipeline.model.fusion import FusionHead, all_subsets, subset_name
+from genre_pipeline.model.fusion import FusionHead
+from genre_pipeline.model.signals import all_subsets, subset_name
 from genre_pipeline.signals.embeddings import EmbeddingMeta, read_embeddings, write_embeddings
 from genre_pipeline.signals.join import signal_matrix
 from genre_pipeline.statuses import STATUS_MISSING, STATUS_OK, STATUS_PARTIAL

@@ -323,8 +323,34 @@ def parse_command(argv: list[str], script: str, capsys):
         pytest.fail(f"{script} rejects the arguments: {capsys.readouterr().err.strip()}\ncommand: {argv}")
 
 
+SHELL_OPERATORS = {"&&", "||", ";", "&", "|", ";;", "(", ")", "<", ">", ">>", "<<"}
+
+
+def head_command(entrypoint: str) -> str:
+    """What the Ray head runs for a RayJob's entrypoint. KubeRay 1.7 pastes it verbatim into the submitter's shell
+    command (`... ray job submit ... --no-wait -- ENTRYPOINT ; fi ; ray job logs ...`, common/job.go), that shell
+    splits it into words, and `ray job submit` joins the words back with shlex.join; the head then runs the result
+    in a shell. A bare shell operator in the entrypoint would end `ray job submit`'s words and run the rest in
+    the submitter pod: refused here."""
+    lexer = shlex.shlex(entrypoint, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words = list(lexer)
+    operators = [word for word in words if word in SHELL_OPERATORS]
+    assert not operators, f"{operators} would be the submitter's shell's, not the job's: quote them\n{entrypoint}"
+    return shlex.join(words)
+
+
 def parse_entrypoint(entrypoint: str, script: str, capsys):
-    return parse_command(shlex.split(entrypoint), script, capsys)
+    return parse_command(shlex.split(head_command(entrypoint)), script, capsys)
+
+
+def test_the_submitter_shell_emulation_keeps_quoted_operators_and_catches_bare_ones():
+    assert shlex.split(head_command("sh -c 'python a.py --x 1 && python b.py'")) == [
+        "sh", "-c", "python a.py --x 1 && python b.py"]
+    plain = "python a.py --catalog s3://b/c.parquet --flag"
+    assert head_command(plain) == plain
+    with pytest.raises(AssertionError, match=r"\['&&'\] would be the submitter's shell's"):
+        head_command("python a.py && python b.py")
 
 
 # ================================================================ the files
@@ -629,14 +655,15 @@ def test_every_rayjob_gives_up_on_a_cluster_that_never_comes_up(build, tmp_path)
     """preRunningDeadlineSeconds (KubeRay 1.7's CRD has it): a RayJob whose pods cannot all be placed (3 of 4
     GPUs, a failed pull) fails after 30 minutes and frees what it got, instead of holding it until
     activeDeadlineSeconds."""
-    field = _crd_schema("RayJob", strict=False)["properties"]["spec"]["properties"]["preRunningDeadlineSeconds"]
-    assert field["type"] == "integer" and field["minimum"] == 1
     specs = job_specs(render(build), tmp_path)
     if build.endswith("promote"):
         assert not specs
     for name, spec in specs.items():
         assert 600 <= spec["preRunningDeadlineSeconds"] <= 3600, name
         assert spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"], name
+    if os.environ.get(SCHEMAS_ENV):  # and the operator knows the field (the strict CRD checks validate the rest)
+        field = _crd_schema("RayJob", strict=False)["properties"]["spec"]["properties"]["preRunningDeadlineSeconds"]
+        assert field["type"] == "integer" and field["minimum"] == 1
 
 
 # ================================================================ on an autoscaled cluster: disk, arch, disruption
@@ -719,7 +746,7 @@ def test_the_readme_sizes_each_nodes_disk_for_its_pods_and_the_image(tmp_path):
                         if name == f"nightly RayJob {role}" for c in pod["spec"]["containers"]) / 2**30
         assert quantity(table[row]["disk the pods request"]) / 2**30 == requested, (row, requested)
         needed = (requested + IMAGE_ON_DISK_GIB[env] + SYSTEM_GIB) / (1 - EVICTION_FREE_SHARE)
-        (at_least,) = re.findall(r"(\d+) GiB", table[row]["root volume, at least"])
+        at_least = re.match(r"(\d+) GiB", table[row]["root volume, at least"]).group(1)
         assert int(at_least) >= needed, f"{row}: {at_least} GiB < {needed:.0f} GiB"
         assert int(at_least) > 20, "the 20 GiB root volumes autoscalers default to hold none of these nodes"
 
@@ -741,7 +768,7 @@ def test_autoscalers_leave_nodes_with_running_jobs_alone(build, tmp_path):
     non-spot capacity."""
     pods = {name: pod for name, pod in pod_templates(render(build), tmp_path).items()
             if not name.startswith("CronJob")}  # the launcher runs for seconds and a retry is free
-    assert pods or build.endswith("nightly")
+    assert pods
     for name, pod in pods.items():
         annotations = pod["metadata"].get("annotations", {})
         assert annotations.get("karpenter.sh/do-not-disrupt") == "true", name
@@ -962,6 +989,7 @@ def test_workload_identity_on_eks_annotates_the_account_and_makes_the_secret_opt
     assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", role), role
     sa = one(docs, "ServiceAccount", "genre-pipeline-ray")
     assert sa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": role}
+    (tmp_path / "nightly").mkdir()
     assert _secret_modes(docs, tmp_path / "nightly") == {True}
     for job in ("train", "evaluate", "promote"):
         (tmp_path / job).mkdir()
@@ -974,7 +1002,7 @@ def test_workload_identity_on_eks_annotates_the_account_and_makes_the_secret_opt
 
 
 @pytest.mark.parametrize("env", ENVS)
-def test_workload_identity_on_gke_annotates_the_account_and_keeps_the_secret(env, tmp_path, monkeypatch):
+def test_workload_identity_on_gke_annotates_the_account_and_keeps_the_secret(env, tmp_path):
     """GKE: the account acts as GCP_SERVICE_ACCOUNT towards Google APIs; the jobs speak S3, so the Secret stays."""
     copy_root = tmp_path / "k8s"
     shutil.copytree(K8S, copy_root)
@@ -1044,7 +1072,8 @@ def test_with_kueue_every_rayjob_queues_and_cleans_up_as_kueue_and_kuberay_requi
         assert 0 < spec["ttlSecondsAfterFinished"] <= 3600, name
         assert deletion_rule_errors(spec, suspended=True) == [], name
         assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"], name
-        assert_valid_crd(job)
+        if os.environ.get(SCHEMAS_ENV):
+            assert_valid_crd(job)
     # The nightly labels first; a training run yields (it resumes from its checkpoint).
     order = [priorities[jobs[j]["metadata"]["labels"]["kueue.x-k8s.io/priority-class"]]
              for j in ("nightly", "evaluate", "train")]
@@ -1386,7 +1415,9 @@ def test_nightly_label_entrypoint_is_accepted_by_the_label_job(build, tmp_path, 
 def test_evaluation_labels_the_candidate_into_a_table_of_its_own_and_scores_it(env, tmp_path, capsys):
     values = env_settings(env)
     entrypoint = one(render(job_build(env, "evaluate")), "RayJob", "genre-evaluate")["spec"]["entrypoint"]
-    argv = shlex.split(entrypoint)
+    shell, flag, script = shlex.split(head_command(entrypoint))
+    assert (shell, flag) == ("sh", "-c"), "one shell on the head runs both commands"
+    argv = shlex.split(script)
     assert argv.count("&&") == 1, "label, then evaluate, and only if labelling succeeded"
     split = argv.index("&&")
     label = parse_command(argv[:split], "jobs/label_catalog.py", capsys)

@@ -53,7 +53,7 @@ from genre_pipeline.label.table import (
     nights,
 )
 from genre_pipeline.model.checkpoints import CheckpointError, read_meta
-from genre_pipeline.model.fusion import POSTER, subset_name
+from genre_pipeline.model.signals import POSTER, subset_name
 from genre_pipeline.statuses import STATUS_OK, STATUS_PARTIAL
 
 logger = logging.getLogger(__name__)

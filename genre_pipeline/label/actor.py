@@ -16,11 +16,23 @@ from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
+from ray.data.block import BlockAccessor
 
 from genre_pipeline import failpoints
 from genre_pipeline.data import storage
 from genre_pipeline.data.posters import Batch, PosterPolicy, decode_posters, fetch_posters
-from genre_pipeline.label.contract import to_label_table
+from genre_pipeline.errors import JobInputError
+from genre_pipeline.label.contract import labels_schema, to_label_table
+from genre_pipeline.label.incremental import (
+    KNOWN_SOURCES,
+    PREVIOUS,
+    STAGED,
+    known_label_rows,
+    reuse_origins,
+    stage_rows,
+    with_origin,
+)
+from genre_pipeline.label.sink import ORIGIN_SCORED
 from genre_pipeline.model.checkpoints import PinnedModel
 from genre_pipeline.model.predictor import GenrePredictor, signal_lists
 from genre_pipeline.statuses import STATUS_INFERENCE_FAILED, STATUS_OK, STATUS_PARTIAL
@@ -89,3 +101,43 @@ class PosterLabeller:
             logger.exception("scoring a block of %d rows failed", len(batch["status"]))
             scored = mark_inference_failed(batch, error, len(self.label_kwargs["genres"]))
         return to_label_table(scored, **self.label_kwargs)
+
+
+class IncrementalLabeller(PosterLabeller):
+    """PosterLabeller over blocks joined with the known rows: scores only the rows that need it, stages them,
+    and returns every row of the block as a label row with its origin."""
+
+    def __init__(self, *, staging: str, reuse: bool, **labeller_kwargs) -> None:
+        self.refused: JobInputError | None = None
+        try:
+            super().__init__(**labeller_kwargs)
+        except JobInputError as error:
+            # Raised from the first call instead: an actor dying in __init__ reaches the driver as a bare
+            # ActorDiedError message, which would exit 1 with a traceback instead of 2 with this error.
+            self.refused = error
+            return
+        self.schema = labels_schema(self.label_kwargs["genres"])
+        self.staging = staging
+        self.reuse = reuse
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        if self.refused is not None:
+            raise self.refused
+        origins = reuse_origins(block, reuse=self.reuse)
+        parts = []
+        to_score = origins == None  # noqa: E711
+        if to_score.any():
+            scored = self.score(block.filter(pa.array(to_score)))
+            stage_rows(scored, self.staging, self.storage_options)
+            parts.append(with_origin(scored, ORIGIN_SCORED, block.filter(pa.array(to_score))))
+        for prefix, origin in KNOWN_SOURCES:
+            rows = origins == origin
+            if rows.any():
+                known = block.filter(pa.array(rows))
+                parts.append(with_origin(known_label_rows(known, prefix, self.schema), origin, known))
+        return pa.concat_tables(parts)
+
+    def score(self, block: pa.Table) -> pa.Table:
+        own = [name for name in block.column_names if not name.startswith((PREVIOUS, STAGED))]
+        batch = BlockAccessor.for_block(block.select(own)).to_batch_format("numpy")
+        return super().__call__(batch).cast(self.schema)

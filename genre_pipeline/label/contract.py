@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from genre_pipeline import telemetry
 from genre_pipeline.genres import GENRES, labels_from_scores, score_columns, top_genres
-from genre_pipeline.model.fusion import subset_name
+from genre_pipeline.model.signals import subset_name
 
 # The night a label row belongs to: a tag per night on the labels table, a partition key in older layouts.
 PARTITION_KEY = "run_date"

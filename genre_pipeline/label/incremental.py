@@ -9,7 +9,8 @@ The poster's version is what the store already knows without reading it: the ETa
 object, the size and modification time of a local file. A content hash would cost the fetch it is meant to save.
 
 Scored rows are also staged as Parquet beside the table as soon as their block is scored, so that a night killed
-before its commit, run again, reuses them ("resumed") instead of scoring them twice.
+before its commit, run again, reuses them ("resumed") instead of scoring them twice. The actor that does both is
+`label.actor.IncrementalLabeller`; this module stays free of torch, for the Ray Data tasks that import it.
 """
 
 from __future__ import annotations
@@ -21,27 +22,26 @@ import logging
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from ray.data.block import BlockAccessor
 
 from genre_pipeline.data import storage
-from genre_pipeline.errors import JobInputError
-from genre_pipeline.label.actor import PosterLabeller
-from genre_pipeline.label.contract import INPUT_KEY, labels_schema
+from genre_pipeline.label.contract import INPUT_KEY
 from genre_pipeline.label.sink import (
     IN_PREVIOUS_COLUMN,
     ORIGIN_CARRIED,
     ORIGIN_COLUMN,
     ORIGIN_RESUMED,
-    ORIGIN_SCORED,
 )
-from genre_pipeline.model.checkpoints import PinnedModel
 from genre_pipeline.statuses import STATUS_FETCH_FAILED, STATUS_INFERENCE_FAILED
+
+if TYPE_CHECKING:
+    from genre_pipeline.model.checkpoints import PinnedModel
 
 logger = logging.getLogger(__name__)
 
@@ -189,46 +189,6 @@ def remove_staging(uri: str, options: storage.StorageOptions) -> None:
     fs, path = storage.fsspec_filesystem(uri, options)
     if fs.exists(path):
         fs.rm(path, recursive=True)
-
-
-class IncrementalLabeller(PosterLabeller):
-    """PosterLabeller over blocks joined with the known rows: scores only the rows that need it, stages them,
-    and returns every row of the block as a label row with its origin."""
-
-    def __init__(self, *, staging: str, reuse: bool, **labeller_kwargs) -> None:
-        self.refused: JobInputError | None = None
-        try:
-            super().__init__(**labeller_kwargs)
-        except JobInputError as error:
-            # Raised from the first call instead: an actor dying in __init__ reaches the driver as a bare
-            # ActorDiedError message, which would exit 1 with a traceback instead of 2 with this error.
-            self.refused = error
-            return
-        self.schema = labels_schema(self.label_kwargs["genres"])
-        self.staging = staging
-        self.reuse = reuse
-
-    def __call__(self, block: pa.Table) -> pa.Table:
-        if self.refused is not None:
-            raise self.refused
-        origins = reuse_origins(block, reuse=self.reuse)
-        parts = []
-        to_score = origins == None  # noqa: E711
-        if to_score.any():
-            scored = self.score(block.filter(pa.array(to_score)))
-            stage_rows(scored, self.staging, self.storage_options)
-            parts.append(with_origin(scored, ORIGIN_SCORED, block.filter(pa.array(to_score))))
-        for prefix, origin in KNOWN_SOURCES:
-            rows = origins == origin
-            if rows.any():
-                known = block.filter(pa.array(rows))
-                parts.append(with_origin(known_label_rows(known, prefix, self.schema), origin, known))
-        return pa.concat_tables(parts)
-
-    def score(self, block: pa.Table) -> pa.Table:
-        own = [name for name in block.column_names if not name.startswith((PREVIOUS, STAGED))]
-        batch = BlockAccessor.for_block(block.select(own)).to_batch_format("numpy")
-        return super().__call__(batch).cast(self.schema)
 
 
 def with_origin(rows: pa.Table, origin: str, joined: pa.Table) -> pa.Table:

@@ -21,6 +21,7 @@ from genre_pipeline.errors import JobInputError
 from genre_pipeline.jobs_cli import flag, fraction, non_negative_float, positive_float, positive_int
 from genre_pipeline.jobs_cli import run_date as iso_date  # its name is in argparse's message: "invalid run_date value"
 from genre_pipeline.label import incremental
+from genre_pipeline.label.actor import IncrementalLabeller
 from genre_pipeline.label.table import DEFAULT_TABLE, EMBEDDED_CATALOG, TableSettings
 from genre_pipeline.model.checkpoints import ModelMeta, PinnedModel
 from genre_pipeline.model.predictor import PRECISIONS
@@ -34,6 +35,8 @@ CATALOG_COLUMNS = ["movie_id", "title", "poster_uri"]
 # cost, few enough that blocks stay small in the object store and the run's last block is short
 # (docs/performance.md).
 DECODE_BATCH_ROWS = 64
+# Rows per input-key task: a stat per poster is cheap, a task is not.
+KEY_BATCH_ROWS = 4096
 # Reading the catalogue (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter
 # of a CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
 IO_TASK_CPUS = 0.25
@@ -310,7 +313,7 @@ def catalog_blocks(config: LabelConfig, night_digest: str, known: KnownRows, tab
     options = config.storage_options
     catalog = catalog_rows(config.catalog, options, tables, rows).map_batches(
         incremental.add_input_keys, fn_kwargs={"night_digest": night_digest, "options": options},
-        batch_format="pyarrow", batch_size=DECODE_BATCH_ROWS, num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
+        batch_format="pyarrow", batch_size=KEY_BATCH_ROWS, num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
     partitions = join_partitions(rows)
     catalog = incremental.join_known_rows(catalog, known.previous, incremental.PREVIOUS, partitions)
     catalog = incremental.join_known_rows(catalog, known.staged, incremental.STAGED, partitions)
@@ -371,7 +374,7 @@ def score_posters(posters: ray.data.Dataset, config: LabelConfig, model: PinnedM
     # Ray Data waits for the pool's actors without end by default; bounded, see actors_started_in_time.
     posters.context.wait_for_min_actors_s = math.ceil(config.start_timeout)
     return posters.map_batches(
-        incremental.IncrementalLabeller,
+        IncrementalLabeller,
         fn_constructor_kwargs={"model": model, "run_id": run_id, "labelled_at": labelled_at,
                                "fetch_and_decode": not config.on_gpu, "device": "cuda" if config.on_gpu else "cpu",
                                "precision": config.precision, "compile_model": config.compile_model,

@@ -19,7 +19,7 @@ from pyiceberg.table import Table
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
-from genre_pipeline.model.fusion import POSTER
+from genre_pipeline.model.signals import POSTER
 
 # Where each label row came from: scored tonight, a scored row this night's killed run left in staging, or
 # carried over unchanged from the previous night. Not a table column: the sink counts and drops it.
@@ -29,8 +29,9 @@ ORIGINS = (ORIGIN_SCORED, ORIGIN_RESUMED, ORIGIN_CARRIED)
 # Whether the movie had a row in the previous night (how many of those rows the night keeps: the shrink guard).
 IN_PREVIOUS_COLUMN = "in_previous"
 TRANSIENT_COLUMNS = (ORIGIN_COLUMN, IN_PREVIOUS_COLUMN)
-# Rows per data file: large files keep a warehouse's scan planning cheap, small enough to write in one task.
-ROWS_PER_DATA_FILE = 250_000
+# Rows per write task (and data file): few enough files for cheap scan planning; more per task would make Ray
+# Data hold the night's blocks for one task at the end (docs/performance.md).
+ROWS_PER_DATA_FILE = 50_000
 
 
 @dataclass

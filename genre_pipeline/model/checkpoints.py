@@ -30,7 +30,8 @@ from genre_pipeline.data import storage
 from genre_pipeline.data.images import PreprocessSpec
 from genre_pipeline.errors import JobInputError
 from genre_pipeline.model.architectures import GenreNet, build_model
-from genre_pipeline.model.fusion import POSTER, FusionHead, FusionNet
+from genre_pipeline.model.fusion import FusionHead, FusionNet
+from genre_pipeline.model.signals import POSTER
 
 WEIGHTS_FILE = "model.pt"
 META_FILE = "meta.json"

@@ -8,26 +8,10 @@ poster, or all three.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from itertools import combinations
-
 import torch
 from torch import nn
 
-POSTER = "poster"
-SIGNAL_ORDER = ("poster", "title", "ratings")  # the mask's column order
-SUBSET_SEPARATOR = "+"
-
-
-def subset_name(signals: Sequence[str]) -> str:
-    """("title", "poster") -> "poster+title": signals in SIGNAL_ORDER, joined."""
-    return SUBSET_SEPARATOR.join(s for s in SIGNAL_ORDER if s in signals)
-
-
-def all_subsets(signals: Sequence[str]) -> list[tuple[str, ...]]:
-    """Every non-empty subset of `signals`, smallest first, each in SIGNAL_ORDER."""
-    ordered = [s for s in SIGNAL_ORDER if s in signals]
-    return [subset for size in range(1, len(ordered) + 1) for subset in combinations(ordered, size)]
+from genre_pipeline.model.signals import POSTER, SIGNAL_ORDER
 
 
 class FusionHead(nn.Module):

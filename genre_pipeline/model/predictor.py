@@ -19,7 +19,7 @@ from genre_pipeline.data import storage
 from genre_pipeline.data.tensors import to_model_input
 from genre_pipeline.model.backbones import LITE_VARIANTS, fold_lite_batch_norms
 from genre_pipeline.model.checkpoints import ModelMeta, PinnedModel, load_checkpoint, load_pinned
-from genre_pipeline.model.fusion import POSTER
+from genre_pipeline.model.signals import POSTER
 from genre_pipeline.runtime import KEEP_FREED_BYTES
 from genre_pipeline.signals.join import embedding_column, signal_matrix
 from genre_pipeline.statuses import STATUS_NO_SIGNALS, STATUS_OK, STATUS_PARTIAL

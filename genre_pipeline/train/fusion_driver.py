@@ -27,7 +27,7 @@ from genre_pipeline.evaluate.metrics import THRESHOLD_OBJECTIVES
 from genre_pipeline.genres import GENRES, encode_many
 from genre_pipeline.jobs_cli import flag, fraction, non_negative_float, positive_float, positive_int
 from genre_pipeline.model.architectures import PRETRAINED_ARCHS, default_preprocess, lite_backbone, weights_source
-from genre_pipeline.model.fusion import POSTER, SIGNAL_ORDER
+from genre_pipeline.model.signals import POSTER, SIGNAL_ORDER
 from genre_pipeline.runtime import TORCH_WORKER_ENV
 from genre_pipeline.signals.embeddings import EmbeddingMeta, file_uri
 from genre_pipeline.signals.join import check_tables, join_signals

@@ -33,7 +33,8 @@ from genre_pipeline.evaluate.tables import PRIOR_ROW
 from genre_pipeline.genres import DEFAULT_THRESHOLD
 from genre_pipeline.model.architectures import build_model
 from genre_pipeline.model.checkpoints import ModelMeta, runtime_versions, save_checkpoint
-from genre_pipeline.model.fusion import POSTER, FusionHead, FusionNet, all_subsets, subset_name
+from genre_pipeline.model.fusion import FusionHead, FusionNet
+from genre_pipeline.model.signals import POSTER, all_subsets, subset_name
 from genre_pipeline.signals.join import embedding_column, signal_matrix
 from genre_pipeline.statuses import STATUS_OK
 from genre_pipeline.train.loop import gather_objects
