@@ -16,6 +16,7 @@ from genre_pipeline.label.incremental import (
     hide_unchanged_posters,
     known_label_rows,
     reuse_origins,
+    rows_to_score_first,
 )
 
 NIGHT = "digest-of-model-and-tables"
@@ -86,3 +87,34 @@ def test_kept_rows_are_rows_of_the_contract_with_their_old_values():
     assert kept.schema.equals(schema)
     # a column the old night lacked (here: signals) reads as null
     assert kept.to_pylist() == [{**previous.to_pylist()[0], "signals": None}]
+
+
+def test_the_rows_to_score_come_first_in_their_block():
+    block = joined(keys=["a", "b", "c", "d"], previous=["a", "x", "c", None], previous_status=["ok", "ok", "ok", None])
+    ordered = rows_to_score_first(block, reuse=True)
+    assert ordered["movie_id"].to_pylist() == [1, 3, 0, 2]  # b and d changed; each group keeps its order
+
+
+def test_an_actor_with_nothing_to_score_never_loads_the_model(tmp_path):
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from conftest import save_random_model
+
+    from genre_pipeline.label.actor import IncrementalLabeller
+    from genre_pipeline.model.checkpoints import pin_model
+
+    model = pin_model(save_random_model(tmp_path / "model", image_size=32))
+    (Path(model.uri) / "model.pt").unlink()  # loading it now would fail
+    labeller = IncrementalLabeller(staging=str(tmp_path / "staging"), reuse=True, model=model, run_id="r",
+                                   labelled_at=datetime.now(timezone.utc), fetch_and_decode=True)
+    schema = labels_schema()
+    rows = [{name: None for name in schema.names} | {"movie_id": i, "status": "ok", "model_version": "m",
+                                                      "run_id": "old", "labelled_at": 0, INPUT_KEY: f"k{i}"}
+            for i in range(3)]
+    previous = pa.Table.from_pylist(rows, schema=schema)
+    block = pa.table({"movie_id": [0, 1, 2], INPUT_KEY: ["k0", "k1", "k2"],
+                      **{PREVIOUS + name: previous.column(name) for name in schema.names if name != "movie_id"}})
+    out = labeller(block)
+    assert out["run_id"].to_pylist() == ["old"] * 3 and out["origin"].to_pylist() == ["carried"] * 3
+    assert labeller.labeller is None and not (tmp_path / "staging").exists()

@@ -21,7 +21,6 @@ from ray.data.block import BlockAccessor
 from genre_pipeline import failpoints
 from genre_pipeline.data import storage
 from genre_pipeline.data.posters import Batch, PosterPolicy, decode_posters, fetch_posters
-from genre_pipeline.errors import JobInputError
 from genre_pipeline.label.contract import labels_schema, to_label_table
 from genre_pipeline.label.incremental import (
     KNOWN_SOURCES,
@@ -103,32 +102,31 @@ class PosterLabeller:
         return to_label_table(scored, **self.label_kwargs)
 
 
-class IncrementalLabeller(PosterLabeller):
-    """PosterLabeller over blocks joined with the known rows: scores only the rows that need it, stages them,
-    and returns every row of the block as a label row with its origin."""
+class IncrementalLabeller:
+    """A PosterLabeller over blocks joined with the known rows: scores only the rows that need it, stages them,
+    and returns every row of the block as a label row with its origin.
+
+    The model is loaded (and its pinned digests checked) when the first row needing scoring arrives: a night
+    with little or nothing to score does not wait for every actor to load a model it will not use, and a refused
+    model reaches the driver as its own error from a call (an actor dying in __init__ reaches it as a bare
+    ActorDiedError message instead).
+    """
 
     def __init__(self, *, staging: str, reuse: bool, **labeller_kwargs) -> None:
-        self.refused: JobInputError | None = None
-        try:
-            super().__init__(**labeller_kwargs)
-        except JobInputError as error:
-            # Raised from the first call instead: an actor dying in __init__ reaches the driver as a bare
-            # ActorDiedError message, which would exit 1 with a traceback instead of 2 with this error.
-            self.refused = error
-            return
-        self.schema = labels_schema(self.label_kwargs["genres"])
+        self.labeller_kwargs = labeller_kwargs
+        self.labeller: PosterLabeller | None = None
+        self.loading = threading.Lock()
+        self.schema = labels_schema(labeller_kwargs["model"].meta.genres)
         self.staging = staging
         self.reuse = reuse
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        if self.refused is not None:
-            raise self.refused
         origins = reuse_origins(block, reuse=self.reuse)
         parts = []
         to_score = origins == None  # noqa: E711
         if to_score.any():
             scored = self.score(block.filter(pa.array(to_score)))
-            stage_rows(scored, self.staging, self.storage_options)
+            stage_rows(scored, self.staging, self.labeller.storage_options)
             parts.append(with_origin(scored, ORIGIN_SCORED, block.filter(pa.array(to_score))))
         for prefix, origin in KNOWN_SOURCES:
             rows = origins == origin
@@ -138,6 +136,9 @@ class IncrementalLabeller(PosterLabeller):
         return pa.concat_tables(parts)
 
     def score(self, block: pa.Table) -> pa.Table:
+        with self.loading:  # the actor's two concurrent calls load one model
+            if self.labeller is None:
+                self.labeller = PosterLabeller(**self.labeller_kwargs)
         own = [name for name in block.column_names if not name.startswith((PREVIOUS, STAGED))]
         batch = BlockAccessor.for_block(block.select(own)).to_batch_format("numpy")
-        return super().__call__(batch).cast(self.schema)
+        return self.labeller(batch).cast(self.schema)

@@ -317,6 +317,9 @@ def catalog_blocks(config: LabelConfig, night_digest: str, known: KnownRows, tab
     partitions = join_partitions(rows)
     catalog = incremental.join_known_rows(catalog, known.previous, incremental.PREVIOUS, partitions)
     catalog = incremental.join_known_rows(catalog, known.staged, incremental.STAGED, partitions)
+    if known.previous is not None or known.staged is not None:
+        catalog = catalog.map_batches(incremental.rows_to_score_first, fn_kwargs={"reuse": not config.full},
+                                      batch_format="pyarrow", batch_size=None, num_cpus=IO_TASK_CPUS)
     # Small blocks, streamed: a catalogue that is one Parquet file must still feed every actor of the pool.
     # Exact sizes: a short block would be bundled with the next into one call of twice the work.
     return catalog.repartition(target_num_rows_per_block=DECODE_BATCH_ROWS, strict=True)
