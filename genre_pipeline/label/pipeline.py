@@ -22,7 +22,7 @@ from genre_pipeline.jobs_cli import flag, fraction, non_negative_float, positive
 from genre_pipeline.jobs_cli import run_date as iso_date  # its name is in argparse's message: "invalid run_date value"
 from genre_pipeline.label import incremental
 from genre_pipeline.label.actor import IncrementalLabeller
-from genre_pipeline.label.table import DEFAULT_TABLE, EMBEDDED_CATALOG, TableSettings
+from genre_pipeline.label.table import DEFAULT_TABLE, EMBEDDED_CATALOG, TableSettings, catalog_properties
 from genre_pipeline.model.checkpoints import ModelMeta, PinnedModel
 from genre_pipeline.model.predictor import PRECISIONS
 from genre_pipeline.runtime import TORCH_WORKER_ENV
@@ -285,6 +285,7 @@ def check_storage(config: LabelConfig) -> None:
     for uri in config.given_tables.values():
         storage.check_readable(uri, options)
     storage.check_writable(config.output, options)
+    catalog_properties(config.table_settings)  # an s3:// output with the embedded catalog: refused now
 
 
 @dataclass(frozen=True)

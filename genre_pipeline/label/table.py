@@ -78,8 +78,10 @@ def file_io_properties(options: storage.StorageOptions) -> dict[str, str]:
     endpoint = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         properties["s3.endpoint"] = endpoint
-    if options.region:
-        properties["s3.region"] = options.region
+    # Without a region pyiceberg asks AWS itself where the bucket lives, even for another endpoint's bucket.
+    region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region or endpoint:
+        properties["s3.region"] = region or "us-east-1"
     if options.anonymous:
         properties["s3.anonymous"] = "true"
     return properties
