@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pyarrow as pa
 
 from genre_pipeline.data.storage import StorageOptions
@@ -13,10 +12,10 @@ from genre_pipeline.label.incremental import (
     PREVIOUS,
     STAGED,
     add_input_keys,
-    hide_unchanged_posters,
+    kept_label_rows,
     known_label_rows,
     reuse_origins,
-    rows_to_score_first,
+    rows_to_score,
 )
 
 NIGHT = "digest-of-model-and-tables"
@@ -67,12 +66,22 @@ def test_this_nights_staged_rows_win_over_the_previous_night():
     assert reuse_origins(block, reuse=True).tolist() == ["resumed", "carried", "resumed"]
 
 
-def test_the_gpu_fetch_skips_the_posters_of_reused_rows():
-    block = joined(["a", "b"], ["a", "x"], ["ok", "ok"])
-    batch = {name: np.array(block.column(name).to_pylist(), dtype=object) for name in block.column_names}
-    batch["poster_uri"] = np.array(["/p/1.jpg", "/p/2.jpg"], dtype=object)
-    batch[PREVIOUS + "status"] = np.array(["ok", float("nan")], dtype=object)  # an all-null column's NaN form
-    assert hide_unchanged_posters(batch, reuse=True)["poster_uri"].tolist() == [None, "/p/2.jpg"]
+def test_a_block_splits_into_the_rows_to_score_and_the_rows_kept_with_their_origin():
+    schema = labels_schema()
+    previous = pa.Table.from_pylist(
+        [{name: None for name in schema.names} | {"movie_id": i, "status": status, "model_version": "m",
+                                                  "run_id": "old", "labelled_at": 0, INPUT_KEY: key}
+         for i, (status, key) in enumerate([("ok", "a"), ("ok", "x"), ("ok", "c"), ("fetch_failed", "d")])],
+        schema=schema)
+    block = pa.table({"movie_id": [0, 1, 2, 3], INPUT_KEY: ["a", "b", "c", "d"],
+                      **{PREVIOUS + name: previous.column(name) for name in schema.names if name != "movie_id"}})
+    assert rows_to_score(block, reuse=True)["movie_id"].to_pylist() == [1, 3]  # a new key; a retried status
+    assert rows_to_score(block, reuse=False)["movie_id"].to_pylist() == [0, 1, 2, 3]
+    kept = kept_label_rows(block, reuse=True, schema=schema)
+    assert kept["movie_id"].to_pylist() == [0, 2]
+    assert kept["origin"].to_pylist() == ["carried", "carried"] and kept["in_previous"].to_pylist() == [True] * 2
+    assert kept["run_id"].to_pylist() == ["old", "old"]
+    assert kept_label_rows(block, reuse=False, schema=schema).num_rows == 0
 
 
 def test_kept_rows_are_rows_of_the_contract_with_their_old_values():
@@ -87,34 +96,3 @@ def test_kept_rows_are_rows_of_the_contract_with_their_old_values():
     assert kept.schema.equals(schema)
     # a column the old night lacked (here: signals) reads as null
     assert kept.to_pylist() == [{**previous.to_pylist()[0], "signals": None}]
-
-
-def test_the_rows_to_score_come_first_in_their_block():
-    block = joined(keys=["a", "b", "c", "d"], previous=["a", "x", "c", None], previous_status=["ok", "ok", "ok", None])
-    ordered = rows_to_score_first(block, reuse=True)
-    assert ordered["movie_id"].to_pylist() == [1, 3, 0, 2]  # b and d changed; each group keeps its order
-
-
-def test_an_actor_with_nothing_to_score_never_loads_the_model(tmp_path):
-    from datetime import datetime, timezone
-    from pathlib import Path
-
-    from conftest import save_random_model
-
-    from genre_pipeline.label.actor import IncrementalLabeller
-    from genre_pipeline.model.checkpoints import pin_model
-
-    model = pin_model(save_random_model(tmp_path / "model", image_size=32))
-    (Path(model.uri) / "model.pt").unlink()  # loading it now would fail
-    labeller = IncrementalLabeller(staging=str(tmp_path / "staging"), reuse=True, model=model, run_id="r",
-                                   labelled_at=datetime.now(timezone.utc), fetch_and_decode=True)
-    schema = labels_schema()
-    rows = [{name: None for name in schema.names} | {"movie_id": i, "status": "ok", "model_version": "m",
-                                                      "run_id": "old", "labelled_at": 0, INPUT_KEY: f"k{i}"}
-            for i in range(3)]
-    previous = pa.Table.from_pylist(rows, schema=schema)
-    block = pa.table({"movie_id": [0, 1, 2], INPUT_KEY: ["k0", "k1", "k2"],
-                      **{PREVIOUS + name: previous.column(name) for name in schema.names if name != "movie_id"}})
-    out = labeller(block)
-    assert out["run_id"].to_pylist() == ["old"] * 3 and out["origin"].to_pylist() == ["carried"] * 3
-    assert labeller.labeller is None and not (tmp_path / "staging").exists()

@@ -25,8 +25,9 @@ from genre_pipeline.label.pipeline import (
     ActorResourcesError,
     KnownRows,
     LabelConfig,
-    catalog_blocks,
+    catalog_with_known_rows,
     resolve_actor_resources,
+    scoring_blocks,
     size_cpu_actors,
 )
 from genre_pipeline.label.table import nights
@@ -217,7 +218,7 @@ def test_the_catalogue_is_read_in_exact_blocks_without_a_footer_actor_pool(ray_l
     context = ray_local.data.DataContext.get_current()
     default_reader = context.use_datasource_v2
     config = LabelConfig(catalog=catalog, model="m", output=str(tmp_path / "labels"), run_date="2026-11-01")
-    blocks = catalog_blocks(config, night_digest="night", known=KnownRows())
+    blocks = scoring_blocks(catalog_with_known_rows(config, night_digest="night", known=KnownRows()))
     sizes = [len(block["movie_id"]) for block in blocks.iter_batches(batch_size=None)]
     assert DECODE_BATCH_ROWS == 64 and sorted(sizes) == [60] + [64] * 10  # blocks stream in any order
     stats = blocks.stats()

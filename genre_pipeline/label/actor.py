@@ -23,11 +23,8 @@ from genre_pipeline.data import storage
 from genre_pipeline.data.posters import Batch, PosterPolicy, decode_posters, fetch_posters
 from genre_pipeline.label.contract import labels_schema, to_label_table
 from genre_pipeline.label.incremental import (
-    KNOWN_SOURCES,
     PREVIOUS,
     STAGED,
-    known_label_rows,
-    reuse_origins,
     stage_rows,
     with_origin,
 )
@@ -103,42 +100,26 @@ class PosterLabeller:
 
 
 class IncrementalLabeller:
-    """A PosterLabeller over blocks joined with the known rows: scores only the rows that need it, stages them,
-    and returns every row of the block as a label row with its origin.
+    """A PosterLabeller for the rows a night scores: their label rows, each with its origin, also staged beside
+    the table as soon as they are scored (what a killed night resumes from).
 
-    The model is loaded (and its pinned digests checked) when the first row needing scoring arrives: a night
-    with little or nothing to score does not wait for every actor to load a model it will not use, and a refused
-    model reaches the driver as its own error from a call (an actor dying in __init__ reaches it as a bare
-    ActorDiedError message instead).
+    The model is loaded (and its pinned digests checked) on the first call: a refused model then reaches the
+    driver as its own error (an actor dying in __init__ reaches it as a bare ActorDiedError message instead).
     """
 
-    def __init__(self, *, staging: str, reuse: bool, **labeller_kwargs) -> None:
+    def __init__(self, *, staging: str, **labeller_kwargs) -> None:
         self.labeller_kwargs = labeller_kwargs
         self.labeller: PosterLabeller | None = None
         self.loading = threading.Lock()
         self.schema = labels_schema(labeller_kwargs["model"].meta.genres)
         self.staging = staging
-        self.reuse = reuse
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        origins = reuse_origins(block, reuse=self.reuse)
-        parts = []
-        to_score = origins == None  # noqa: E711
-        if to_score.any():
-            scored = self.score(block.filter(pa.array(to_score)))
-            stage_rows(scored, self.staging, self.labeller.storage_options)
-            parts.append(with_origin(scored, ORIGIN_SCORED, block.filter(pa.array(to_score))))
-        for prefix, origin in KNOWN_SOURCES:
-            rows = origins == origin
-            if rows.any():
-                known = block.filter(pa.array(rows))
-                parts.append(with_origin(known_label_rows(known, prefix, self.schema), origin, known))
-        return pa.concat_tables(parts)
-
-    def score(self, block: pa.Table) -> pa.Table:
         with self.loading:  # the actor's two concurrent calls load one model
             if self.labeller is None:
                 self.labeller = PosterLabeller(**self.labeller_kwargs)
         own = [name for name in block.column_names if not name.startswith((PREVIOUS, STAGED))]
         batch = BlockAccessor.for_block(block.select(own)).to_batch_format("numpy")
-        return self.labeller(batch).cast(self.schema)
+        scored = self.labeller(batch).cast(self.schema)
+        stage_rows(scored, self.staging, self.labeller.storage_options)
+        return with_origin(scored, ORIGIN_SCORED, block)

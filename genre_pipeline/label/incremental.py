@@ -148,26 +148,19 @@ def reuse_origins(block: pa.Table, *, reuse: bool) -> np.ndarray:
     return origins
 
 
-def rows_to_score_first(block: pa.Table, *, reuse: bool) -> pa.Table:
-    """The block with the rows that need scoring first: once cut into blocks for the actors, a night with few
-    changes scores them in a few full blocks instead of one or two rows in many."""
-    order = np.argsort(reuse_origins(block, reuse=reuse) != None, kind="stable")  # noqa: E711
-    return block.take(pa.array(order))
+def rows_to_score(block: pa.Table, *, reuse: bool) -> pa.Table:
+    """The block's rows whose label row cannot be reused."""
+    return block.filter(pa.array(reuse_origins(block, reuse=reuse) == None))  # noqa: E711
 
 
-def hide_unchanged_posters(batch: dict[str, np.ndarray], *, reuse: bool) -> dict[str, np.ndarray]:
-    """GPU path: the fetch tasks skip the posters of rows whose label row is reused (their URI reads as none)."""
-    names = [INPUT_KEY, *(prefix + name for prefix, _ in KNOWN_SOURCES for name in (INPUT_KEY, "status"))]
-    keys = pa.table({name: strings(batch[name]) for name in names if name in batch})
-    origins = reuse_origins(keys, reuse=reuse)
-    batch["poster_uri"] = np.where(origins == None, batch["poster_uri"], None).astype(object)  # noqa: E711
-    return batch
-
-
-def strings(values: np.ndarray) -> pa.Array:
-    """A string column from a numpy batch; an all-null column can arrive as float NaN after Ray's Arrow round
-    trip, so anything that is not a string is a null."""
-    return pa.array([value if isinstance(value, str) else None for value in values], pa.string())
+def kept_label_rows(block: pa.Table, *, reuse: bool, schema: pa.Schema) -> pa.Table:
+    """The label rows the block's other rows keep (from this night's staged rows, or the previous night), each
+    with its origin."""
+    origins = reuse_origins(block, reuse=reuse)
+    parts = [with_origin(known_label_rows(block.filter(pa.array(origins == origin)), prefix, schema), origin,
+                         block.filter(pa.array(origins == origin)))
+             for prefix, origin in KNOWN_SOURCES]
+    return pa.concat_tables(parts)
 
 
 def known_label_rows(block: pa.Table, prefix: str, schema: pa.Schema) -> pa.Table:

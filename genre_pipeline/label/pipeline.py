@@ -22,6 +22,7 @@ from genre_pipeline.jobs_cli import flag, fraction, non_negative_float, positive
 from genre_pipeline.jobs_cli import run_date as iso_date  # its name is in argparse's message: "invalid run_date value"
 from genre_pipeline.label import incremental
 from genre_pipeline.label.actor import IncrementalLabeller
+from genre_pipeline.label.contract import labels_schema
 from genre_pipeline.label.table import DEFAULT_TABLE, EMBEDDED_CATALOG, TableSettings, catalog_properties
 from genre_pipeline.model.checkpoints import ModelMeta, PinnedModel
 from genre_pipeline.model.predictor import PRECISIONS
@@ -307,23 +308,23 @@ def catalog_rows(uri: str, options: storage.StorageOptions, tables: dict[str, st
     return catalog
 
 
-def catalog_blocks(config: LabelConfig, night_digest: str, known: KnownRows, tables: dict[str, str] | None = None,
-                   rows: int | None = None) -> ray.data.Dataset:
-    """Catalogue rows with their input keys and known label rows beside them, in blocks of exactly
-    DECODE_BATCH_ROWS rows (the last one: the rest)."""
+def catalog_with_known_rows(config: LabelConfig, night_digest: str, known: KnownRows,
+                            tables: dict[str, str] | None = None, rows: int | None = None) -> ray.data.Dataset:
+    """Catalogue rows with their input keys and the known label rows (previous night, staged) beside them."""
     options = config.storage_options
     catalog = catalog_rows(config.catalog, options, tables, rows).map_batches(
         incremental.add_input_keys, fn_kwargs={"night_digest": night_digest, "options": options},
         batch_format="pyarrow", batch_size=KEY_BATCH_ROWS, num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
     partitions = join_partitions(rows)
     catalog = incremental.join_known_rows(catalog, known.previous, incremental.PREVIOUS, partitions)
-    catalog = incremental.join_known_rows(catalog, known.staged, incremental.STAGED, partitions)
-    if known.previous is not None or known.staged is not None:
-        catalog = catalog.map_batches(incremental.rows_to_score_first, fn_kwargs={"reuse": not config.full},
-                                      batch_format="pyarrow", batch_size=None, num_cpus=IO_TASK_CPUS)
-    # Small blocks, streamed: a catalogue that is one Parquet file must still feed every actor of the pool.
-    # Exact sizes: a short block would be bundled with the next into one call of twice the work.
-    return catalog.repartition(target_num_rows_per_block=DECODE_BATCH_ROWS, strict=True)
+    return incremental.join_known_rows(catalog, known.staged, incremental.STAGED, partitions)
+
+
+def scoring_blocks(rows: ray.data.Dataset) -> ray.data.Dataset:
+    """`rows` in blocks of exactly DECODE_BATCH_ROWS rows (the last one: the rest). Small blocks, streamed: a
+    catalogue that is one Parquet file must still feed every actor of the pool. Exact sizes: a short block would
+    be bundled with the next into one call of twice the work."""
+    return rows.repartition(target_num_rows_per_block=DECODE_BATCH_ROWS, strict=True)
 
 
 def join_partitions(rows: int | None) -> int:
@@ -347,14 +348,25 @@ def build_label_dataset(
     config: LabelConfig, model: PinnedModel, resources: ActorResources, *, run_id: str, labelled_at: datetime,
     night_digest: str, known: KnownRows, tables: dict[str, str] | None = None, rows: int | None = None,
 ) -> ray.data.Dataset:
-    """read -> input keys -> known rows joined -> [fetch (I/O tasks) -> decode (CPU tasks), on GPUs] ->
-    IncrementalLabeller pool; lazy, streaming."""
+    """read -> input keys -> known rows joined (materialized once, in the object store) -> the rows that need
+    scoring: [fetch (I/O tasks) -> decode (CPU tasks), on GPUs] -> labeller pool; the others: their known label
+    rows, in tasks. No actor starts on a night with nothing to score."""
+    reuse = not config.full
+    joined = catalog_with_known_rows(config, night_digest, known, tables, rows).materialize()
+    kept = joined.map_batches(incremental.kept_label_rows, batch_format="pyarrow", batch_size=None,
+                              num_cpus=IO_TASK_CPUS,
+                              fn_kwargs={"reuse": reuse, "schema": labels_schema(model.meta.genres)})
+    to_score = joined.map_batches(incremental.rows_to_score, fn_kwargs={"reuse": reuse}, batch_format="pyarrow",
+                                  batch_size=None, num_cpus=IO_TASK_CPUS)
+    if to_score.count() == 0:
+        return kept
     with warnings.catch_warnings():
         # Ray 2.60 bounds retries and actor restarts only through `ray_remote_args`, which it marks deprecated
         # without offering named parameters for them yet.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        posters = prepare_posters(config, model, catalog_blocks(config, night_digest, known, tables, rows))
-        return score_posters(posters, config, model, resources, run_id=run_id, labelled_at=labelled_at)
+        posters = prepare_posters(config, model, scoring_blocks(to_score))
+        scored = score_posters(posters, config, model, resources, run_id=run_id, labelled_at=labelled_at)
+    return scored.union(kept)
 
 
 def prepare_posters(config: LabelConfig, model: PinnedModel, posters: ray.data.Dataset) -> ray.data.Dataset:
@@ -363,10 +375,8 @@ def prepare_posters(config: LabelConfig, model: PinnedModel, posters: ray.data.D
     # The GPU actors' own CPU could not decode fast enough: decoding scales out in tasks.
     fetch_kwargs = {"options": config.storage_options, "policy": poster_policy(config)}
     return (
-        posters.map_batches(incremental.hide_unchanged_posters, fn_kwargs={"reuse": not config.full},
-                            batch_size=DECODE_BATCH_ROWS, num_cpus=IO_TASK_CPUS)
-        .map_batches(fetch_posters, fn_kwargs=fetch_kwargs, batch_size=DECODE_BATCH_ROWS,
-                     num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
+        posters.map_batches(fetch_posters, fn_kwargs=fetch_kwargs, batch_size=DECODE_BATCH_ROWS,
+                            num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
         .map_batches(decode_posters, fn_kwargs={"image_size": model.meta.preprocess.shape},
                      batch_size=DECODE_BATCH_ROWS, max_retries=TASK_MAX_RETRIES)
     )
@@ -384,7 +394,7 @@ def score_posters(posters: ray.data.Dataset, config: LabelConfig, model: PinnedM
                                "precision": config.precision, "compile_model": config.compile_model,
                                "num_threads": resources.threads, "forward_batch": resolve_batch_size(config),
                                "storage_options": options, "poster_policy": poster_policy(config),
-                               "staging": config.staging, "reuse": not config.full},
+                               "staging": config.staging},
         batch_format="pyarrow",
         # Two calls at once per actor: one prepares its batch (on CPUs: fetch and decode) or builds its label
         # rows while the other scores (see actor.model_lock). No more: Ray Data's default queues two more
