@@ -21,6 +21,8 @@ from pathlib import Path
 # make the library importable there without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from genre_pipeline.cli import STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
+from genre_pipeline.config_fields import check_fields, option  # noqa: E402
 from genre_pipeline.data import storage  # noqa: E402
 from genre_pipeline.data.catalog import (  # noqa: E402
     DEFAULT_POSTER_PATTERN,
@@ -31,7 +33,6 @@ from genre_pipeline.data.catalog import (  # noqa: E402
     write_catalog,
 )
 from genre_pipeline.data.sample import POSTER_SIZE, build_sample_catalog  # noqa: E402
-from genre_pipeline.jobs_cli import STORAGE_FLAGS, flag, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.runtime import run_job  # noqa: E402
 
 logger = logging.getLogger("build_catalog")
@@ -48,21 +49,24 @@ def pixel_size(text: str) -> tuple[int, int]:
 class Config:
     """The catalogue job's settings; each field's metadata is its flag. One of the two sources is required."""
 
-    movielens_dir: str | None = field(default=None, metadata=flag(
+    movielens_dir: str | None = field(default=None, metadata=option(
         "folder (or s3:// prefix) holding MovieLens-1M movies.dat"))
-    sample: int | None = field(default=None, metadata=flag(
+    sample: int | None = field(default=None, metadata=option(
         "generate a sample catalogue of N movies", metavar="N"))
-    out: str = field(metadata=flag("output directory or .parquet file (local or s3://)"))
-    posters: str | None = field(default=None, metadata=flag(
+    out: str = field(metadata=option("output directory or .parquet file (local or s3://)"))
+    posters: str | None = field(default=None, metadata=option(
         "folder or s3:// prefix of the posters (MovieLens mode)"))
-    poster_pattern: str = field(default=DEFAULT_POSTER_PATTERN, metadata=flag(
+    poster_pattern: str = field(default=DEFAULT_POSTER_PATTERN, metadata=option(
         "poster file name under --posters, formatted with {movie_id}"))
-    split_file: str | None = field(default=None, metadata=flag(
+    split_file: str | None = field(default=None, metadata=option(
         "CSV movie_id,split; default: <movielens-dir>/split.csv if present"))
-    poster_size: tuple[int, int] = field(default=POSTER_SIZE, metadata=flag(
+    poster_size: tuple[int, int] = field(default=POSTER_SIZE, metadata=option(
         "sample posters' WIDTHxHEIGHT in pixels (sample mode)", type=pixel_size))
-    seed: int = field(default=0, metadata=flag("sample mode: the catalogue is a function of the seed"))
+    seed: int = field(default=0, metadata=option("sample mode: the catalogue is a function of the seed"))
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)  # the storage flags'
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def catalog_uri(self) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
 
-from genre_pipeline.jobs_cli import STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
+from genre_pipeline.cli import STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.runtime import run_job  # noqa: E402
 from genre_pipeline.signals.ratings import RatingsConfig, embed_ratings  # noqa: E402
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 # make the library importable there without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from genre_pipeline.cli import STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.evaluate.report import (  # noqa: E402
     EvaluateConfig,
     EvaluationInputError,
@@ -36,7 +37,6 @@ from genre_pipeline.evaluate.report import (  # noqa: E402
     evaluate,
     write_outputs,
 )
-from genre_pipeline.jobs_cli import STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.runtime import run_job  # noqa: E402
 
 logger = logging.getLogger("evaluate")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
 
-from genre_pipeline.jobs_cli import PUSHGATEWAY_FLAG, STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
+from genre_pipeline.cli import PUSHGATEWAY_FLAG, STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.label.night import LabelSummary, label_catalog  # noqa: E402
 from genre_pipeline.label.pipeline import LabelConfig  # noqa: E402
 from genre_pipeline.label.sink import ORIGINS  # noqa: E402

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
 
+from genre_pipeline.cli import add_storage_flags, storage_options_from  # noqa: E402
 from genre_pipeline.data import storage  # noqa: E402
-from genre_pipeline.jobs_cli import add_storage_flags, storage_options_from  # noqa: E402
 from genre_pipeline.model.checkpoints import POINTER_FILE, pin_model, write_pointer  # noqa: E402
 from genre_pipeline.runtime import run_job  # noqa: E402
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # importable from the repo root, no install needed
 
+from genre_pipeline.cli import PUSHGATEWAY_FLAG, STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.data import storage  # noqa: E402
 from genre_pipeline.evaluate.metrics import metrics_line  # noqa: E402
-from genre_pipeline.jobs_cli import PUSHGATEWAY_FLAG, STORAGE_FLAGS, job_parser, parse_job_args  # noqa: E402
 from genre_pipeline.runtime import FailureMetric, run_job  # noqa: E402
 from genre_pipeline.telemetry import TRAIN_JOB, push_job_outcome  # noqa: E402
 from genre_pipeline.train.driver import TrainJobConfig, TrainSummary, run_training, train_outcome  # noqa: E402

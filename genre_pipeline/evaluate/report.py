@@ -9,10 +9,8 @@ report.md, report.json and the plots in memory: a bad input leaves nothing writt
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +19,7 @@ import pyarrow.compute as pc
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 
+from genre_pipeline.config_fields import ISO_DATE, check_fields, option
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import is_validation, read_catalog, validate_schema
 from genre_pipeline.data.images import PreprocessSpec
@@ -36,7 +35,6 @@ from genre_pipeline.evaluate.metrics import (
 )
 from genre_pipeline.evaluate.tables import render_per_genre_table, render_summary_table, subset_lines
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, UnknownGenreError, column_name, encode_many
-from genre_pipeline.jobs_cli import flag
 from genre_pipeline.label.contract import PARTITION_KEY
 from genre_pipeline.label.table import (
     DEFAULT_TABLE,
@@ -71,36 +69,33 @@ class EvaluationInputError(JobInputError, ValueError):
     """Labels or catalogue that cannot be evaluated; the message names the file, column or genre."""
 
 
-def run_date_arg(text: str) -> str:
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not YYYY-MM-DD")
-    return text
-
-
 @dataclass(frozen=True)
 class EvaluateConfig:
     """The evaluation job's settings; each field's metadata is its flag in jobs/evaluate.py."""
 
-    labels: str = field(metadata=flag(
+    labels: str = field(metadata=option(
         "the label job's --output: the labels warehouse folder (local or s3://), where the embedded catalog lives"))
-    catalog: str = field(metadata=flag("catalogue Parquet file or directory (local or s3://)"))
-    split: str = field(default="test", metadata=flag(f"catalogue split to evaluate; '{ALL_SPLITS}' for every row"))
-    run_date: str | None = field(default=None, metadata=flag(
+    catalog: str = field(metadata=option("catalogue Parquet file or directory (local or s3://)"))
+    split: str = field(default="test", metadata=option(f"catalogue split to evaluate; '{ALL_SPLITS}' for every row"))
+    run_date: str | None = field(default=None, metadata=option(
         "the night YYYY-MM-DD, by its snapshot's tag night-<date>; default: the latest night (the table's current "
-        "snapshot)", type=run_date_arg))
-    table_catalog: str = field(default=EMBEDDED_CATALOG, metadata=flag(
+        "snapshot)", check=ISO_DATE))
+    table_catalog: str = field(default=EMBEDDED_CATALOG, metadata=option(
         f"the label job's --table-catalog: '{EMBEDDED_CATALOG}' (SQLite in a local --labels folder), or the name "
         "of a catalog configured in PYICEBERG_CATALOG__<NAME>__* variables or ~/.pyiceberg.yaml"))
-    table: str = field(default=DEFAULT_TABLE, metadata=flag("the label job's --table, namespace.name"))
-    out: str | None = field(default=None, metadata=flag(
+    table: str = field(default=DEFAULT_TABLE, metadata=option("the label job's --table, namespace.name"))
+    out: str | None = field(default=None, metadata=option(
         "output directory (local or s3://); default: evaluation/run_date=<date>/split=<split>"))
-    val_fraction: float | None = field(default=None, metadata=flag(
+    val_fraction: float | None = field(default=None, metadata=option(
         f"the training job's --val-fraction: its held-out train rows become split '{VALIDATION_SPLIT}' (evaluate "
         f"with --split {VALIDATION_SPLIT}); the prior then comes from the remaining train rows"))
-    model: str | None = field(default=None, metadata=flag(
+    model: str | None = field(default=None, metadata=option(
         "the checkpoint that wrote these labels (local or s3://): the report then shows its backbone, initial "
         "weights, preprocessing, thresholds and recipe"))
     storage_options: storage.StorageOptions = storage.StorageOptions()  # the storage flags'
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def table_settings(self) -> TableSettings:

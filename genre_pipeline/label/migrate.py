@@ -45,9 +45,9 @@ from pyiceberg.io.pyarrow import _dataframe_to_data_files
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 
+from genre_pipeline.config_fields import check_fields, option
 from genre_pipeline.data import storage
 from genre_pipeline.errors import JobInputError
-from genre_pipeline.jobs_cli import flag
 from genre_pipeline.label.contract import PARTITION_KEY, labels_schema
 from genre_pipeline.label.night import PROPERTY_PREFIX
 from genre_pipeline.label.sink import ROWS_PER_DATA_FILE
@@ -82,15 +82,18 @@ class OlderNightError(JobInputError, RuntimeError):
 class MigrateConfig:
     """The migration's settings; each field's metadata is its flag in jobs/migrate_labels.py."""
 
-    source: str = field(metadata=flag(
+    source: str = field(metadata=option(
         "the old labels root (local or s3://) holding run_date=YYYY-MM-DD/ folders of Parquet files",
         name="--from"))
-    output: str = field(metadata=flag("the label job's --output (the labels warehouse folder)"))
-    table_catalog: str = field(default=EMBEDDED_CATALOG, metadata=flag(
+    output: str = field(metadata=option("the label job's --output (the labels warehouse folder)"))
+    table_catalog: str = field(default=EMBEDDED_CATALOG, metadata=option(
         f"the label job's --table-catalog: '{EMBEDDED_CATALOG}' (SQLite beside a local --output) or a catalog "
         "configured in PYICEBERG_CATALOG__<NAME>__* variables or ~/.pyiceberg.yaml"))
-    table: str = field(default=DEFAULT_TABLE, metadata=flag("the label job's --table, namespace.name"))
+    table: str = field(default=DEFAULT_TABLE, metadata=option("the label job's --table, namespace.name"))
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)  # the storage flags'
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def table_settings(self) -> TableSettings:

@@ -14,12 +14,11 @@ from datetime import datetime, timezone
 import ray
 
 from genre_pipeline import cluster
+from genre_pipeline.config_fields import AT_LEAST_1, FRACTION, ISO_DATE, NON_NEGATIVE, POSITIVE, check_fields, option
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import catalog_dataset
 from genre_pipeline.data.posters import DEFAULT_MAX_POSTER_BYTES, PosterPolicy, decode_posters, fetch_posters
 from genre_pipeline.errors import JobInputError
-from genre_pipeline.jobs_cli import flag, fraction, non_negative_float, positive_float, positive_int
-from genre_pipeline.jobs_cli import run_date as iso_date  # its name is in argparse's message: "invalid run_date value"
 from genre_pipeline.label import incremental
 from genre_pipeline.label.actor import IncrementalLabeller
 from genre_pipeline.label.contract import labels_schema
@@ -76,68 +75,71 @@ def today_utc() -> str:
 class LabelConfig:
     """The label job's settings; each field's metadata is its flag in jobs/label_catalog.py."""
 
-    catalog: str = field(metadata=flag("catalogue Parquet file or directory (local or s3://)"))
-    model: str = field(metadata=flag(
+    catalog: str = field(metadata=option("catalogue Parquet file or directory (local or s3://)"))
+    model: str = field(metadata=option(
         "checkpoint directory, or a published model folder (<storage-path>/<name>/model) whose pointer names a "
         "version; resolved once per run and its weights digest-checked"))
-    output: str = field(metadata=flag(
+    output: str = field(metadata=option(
         "labels warehouse folder (local or s3://): new tables' data files, the embedded catalog and the staging "
         "of nights in progress"))
-    run_date: str = field(default_factory=today_utc, metadata=flag(
-        "the night YYYY-MM-DD (its snapshot is tagged night-<date>); default: today in UTC", type=iso_date))
-    table_catalog: str = field(default=EMBEDDED_CATALOG, metadata=flag(
+    run_date: str = field(default_factory=today_utc, metadata=option(
+        "the night YYYY-MM-DD (its snapshot is tagged night-<date>); default: today in UTC", check=ISO_DATE))
+    table_catalog: str = field(default=EMBEDDED_CATALOG, metadata=option(
         f"Iceberg catalog: '{EMBEDDED_CATALOG}' (SQLite beside a local --output), or the name of a catalog "
         "configured in PYICEBERG_CATALOG__<NAME>__* variables or ~/.pyiceberg.yaml (REST, Glue, SQL)"))
-    table: str = field(default=DEFAULT_TABLE, metadata=flag("the labels table, namespace.name"))
-    full: bool = field(default=False, metadata=flag(
+    table: str = field(default=DEFAULT_TABLE, metadata=option("the labels table, namespace.name"))
+    full: bool = field(default=False, metadata=option(
         "score every movie, even those whose inputs did not change since the last night"))
-    max_shrink_fraction: float = field(default=DEFAULT_MAX_SHRINK_FRACTION, metadata=flag(
+    max_shrink_fraction: float = field(default=DEFAULT_MAX_SHRINK_FRACTION, metadata=option(
         "when the night would drop more than this fraction of the previous night's movies, nothing is committed "
-        f"and the job exits 2 (default {DEFAULT_MAX_SHRINK_FRACTION:g})", type=fraction))
-    allow_shrink: bool = field(default=False, metadata=flag(
+        f"and the job exits 2 (default {DEFAULT_MAX_SHRINK_FRACTION:g})", check=FRACTION))
+    allow_shrink: bool = field(default=False, metadata=option(
         "commit a night that drops more movies than --max-shrink-fraction (never an empty one)"))
-    batch_size: int | None = field(default=None, metadata=flag(
+    batch_size: int | None = field(default=None, metadata=option(
         f"images per forward pass; default {DEFAULT_BATCH_SIZE['cpu']} on CPU, {DEFAULT_BATCH_SIZE['cuda']} on GPU "
-        "(lower it if the card runs out of memory)", type=positive_int))
+        "(lower it if the card runs out of memory)", check=AT_LEAST_1))
     # On CPUs also no more actors than the catalogue has blocks.
-    actors: int | None = field(default=None, metadata=flag(
+    actors: int | None = field(default=None, metadata=option(
         "PosterLabeller actors (model replicas); default on CPU: one per core of the cluster's nodes, "
-        "single-threaded; with GPUs: the cluster's GPUs over --num-gpus-per-actor", type=positive_int))
-    num_gpus_per_actor: float = field(default=0.0, metadata=flag(
-        "GPUs per actor; 0 scores on CPU", type=non_negative_float))
-    cpus_per_actor: float | None = field(default=None, metadata=flag(
+        "single-threaded; with GPUs: the cluster's GPUs over --num-gpus-per-actor", check=AT_LEAST_1))
+    num_gpus_per_actor: float = field(default=0.0, metadata=option(
+        "GPUs per actor; 0 scores on CPU", check=NON_NEGATIVE))
+    cpus_per_actor: float | None = field(default=None, metadata=option(
         "CPUs Ray reserves per actor; default 1 with GPUs, else the node's CPUs less "
-        f"{IO_CPU_RESERVE:g} for Ray Data's read tasks, shared by the node's actors", type=positive_float))
+        f"{IO_CPU_RESERVE:g} for Ray Data's read tasks, shared by the node's actors", check=POSITIVE))
     # The reserved CPU's I/O tasks mostly wait, so the default's threads keep it busy too.
-    threads_per_actor: int | None = field(default=None, metadata=flag(
+    threads_per_actor: int | None = field(default=None, metadata=option(
         "intra-op (and decode) threads per actor; default on CPU: the node's cores shared by its actors (1 with "
-        "the default --actors), with GPUs: the actor's CPUs", type=positive_int))
-    start_timeout: float = field(default=cluster.DEFAULT_START_TIMEOUT_SECONDS, metadata=flag(
+        "the default --actors), with GPUs: the actor's CPUs", check=AT_LEAST_1))
+    start_timeout: float = field(default=cluster.DEFAULT_START_TIMEOUT_SECONDS, metadata=option(
         "seconds a joined cluster may take to offer the actors' resources, and the actors to start (model load "
         f"included); then the job exits 2, committing nothing (default {cluster.DEFAULT_START_TIMEOUT_SECONDS:g})",
-        type=positive_float))
-    precision: str = field(default="auto", metadata=flag(
+        check=POSITIVE))
+    precision: str = field(default="auto", metadata=option(
         "auto: bf16 autocast on GPUs, fp32 on CPUs; bf16 on CPUs is faster on AVX512-BF16 cores and moves "
         "scores slightly: compare two nights with evaluate.py", choices=PRECISIONS))
-    compile_model: bool = field(default=False, metadata=flag(
+    compile_model: bool = field(default=False, metadata=option(
         "torch.compile the model in each actor (GPU runs)", name="--compile"))
-    poster_roots: tuple[str, ...] = field(default=(), metadata=flag(
+    poster_roots: tuple[str, ...] = field(default=(), metadata=option(
         "a local folder or s3://bucket/prefix posters may be read from (repeatable); a poster elsewhere, after "
         "following symlinks and '..', gets status refused_poster. A local poster is then opened beneath its root "
         "without following any symlink: one whose path changes to a symlink after the check is refused too. "
         "Default: the folder or prefix the catalogue lies in", name="--poster-root", metavar="ROOT"))
-    max_poster_bytes: int = field(default=DEFAULT_MAX_POSTER_BYTES, metadata=flag(
-        f"larger posters get status refused_poster (default {DEFAULT_MAX_POSTER_BYTES:,})", type=positive_int))
-    max_failed_fraction: float = field(default=DEFAULT_MAX_FAILED_FRACTION, metadata=flag(
+    max_poster_bytes: int = field(default=DEFAULT_MAX_POSTER_BYTES, metadata=option(
+        f"larger posters get status refused_poster (default {DEFAULT_MAX_POSTER_BYTES:,})", check=AT_LEAST_1))
+    max_failed_fraction: float = field(default=DEFAULT_MAX_FAILED_FRACTION, metadata=option(
         "when more than this fraction of the rows with a poster_uri fail (fetch, decode, refusal, scoring), "
         "nothing is committed and the job exits 2: a systemic fault, not bad posters "
-        f"(default {DEFAULT_MAX_FAILED_FRACTION:g})", type=fraction))
-    title_embeddings: str | None = field(default=None, metadata=flag(
+        f"(default {DEFAULT_MAX_FAILED_FRACTION:g})", check=FRACTION))
+    title_embeddings: str | None = field(default=None, metadata=option(
         "a fusion model's title embeddings (jobs/embed_titles.py version folder, in the model's space); default: "
         "the table it was trained with"))
-    ratings_embeddings: str | None = field(default=None, metadata=flag(
+    ratings_embeddings: str | None = field(default=None, metadata=option(
         "a fusion model's ratings embeddings (the version it was trained with); default: that table"))
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)  # the storage flags'
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def on_gpu(self) -> bool:

@@ -43,9 +43,9 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FileBasedDatasource
 
+from genre_pipeline.config_fields import AT_LEAST_1, NON_NEGATIVE, check_fields, option
 from genre_pipeline.data import storage
-from genre_pipeline.errors import ConfigError, JobInputError
-from genre_pipeline.jobs_cli import flag, positive_int
+from genre_pipeline.errors import JobInputError
 from genre_pipeline.signals.embeddings import EmbeddingMeta, write_embeddings
 
 logger = logging.getLogger(__name__)
@@ -69,25 +69,24 @@ class RatingsError(JobInputError, ValueError):
 class RatingsConfig:
     """The ratings embedding job's settings; each field's metadata is its flag in jobs/embed_ratings.py."""
 
-    ratings: str = field(metadata=flag(
+    ratings: str = field(metadata=option(
         "ratings file or folder (local or s3://): *.parquet (user_id, movie_id, rating) or MovieLens *.dat[.gz]"))
-    out: str = field(metadata=flag("embeddings root; the run goes to <out>/version=<v>/embeddings.parquet"))
-    dim: int = field(default=64, metadata=flag("embedding dimension (default 64)", type=positive_int))
-    oversampling: int = field(default=16, metadata=flag(
-        "extra random directions of the randomized SVD, for accuracy (default 16)", type=int))
-    power_iterations: int = field(default=1, metadata=flag(
-        "power iterations (one more pass over the ratings each; default 1)", type=int))
-    min_ratings: int = field(default=1, metadata=flag(
-        "movies with fewer ratings get no row (default 1)", type=positive_int))
-    weighting: str = field(default="binary", metadata=flag(
+    out: str = field(metadata=option("embeddings root; the run goes to <out>/version=<v>/embeddings.parquet"))
+    dim: int = field(default=64, metadata=option("embedding dimension (default 64)", check=AT_LEAST_1))
+    oversampling: int = field(default=16, metadata=option(
+        "extra random directions of the randomized SVD, for accuracy (default 16)", check=NON_NEGATIVE))
+    power_iterations: int = field(default=1, metadata=option(
+        "power iterations (one more pass over the ratings each; default 1)", check=NON_NEGATIVE))
+    min_ratings: int = field(default=1, metadata=option(
+        "movies with fewer ratings get no row (default 1)", check=AT_LEAST_1))
+    weighting: str = field(default="binary", metadata=option(
         "binary: every rating counts 1; inverse_sqrt: a user's ratings count 1/sqrt(its number of ratings)",
         choices=WEIGHTINGS))
-    seed: int = field(default=0, metadata=flag("seed of the random projection (default 0)", type=int))
+    seed: int = field(default=0, metadata=option("seed of the random projection (default 0)"))
     storage_options: storage.StorageOptions = storage.StorageOptions()
 
     def __post_init__(self) -> None:
-        if self.oversampling < 0 or self.power_iterations < 0:
-            raise ConfigError("--oversampling and --power-iterations must be 0 or more")
+        check_fields(self)
 
     @property
     def params(self) -> dict:

@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from genre_pipeline.config_fields import AT_LEAST_1, check_fields, option
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import catalog_dataset, count_catalog_rows, parse_title_year
 from genre_pipeline.errors import ConfigError, JobInputError
-from genre_pipeline.jobs_cli import flag, positive_int
 from genre_pipeline.runtime import TORCH_WORKER_ENV
 from genre_pipeline.signals.embeddings import EmbeddingMeta, write_embeddings
 
@@ -204,17 +204,20 @@ class TitleEmbedder:
 class TitleEmbeddingConfig:
     """The title embedding job's settings; each field's metadata is its flag in jobs/embed_titles.py."""
 
-    catalog: str = field(metadata=flag("catalogue Parquet file or directory (local or s3://); needs movie_id, title"))
-    out: str = field(metadata=flag("embeddings root; the run goes to <out>/version=<version>/embeddings.parquet"))
-    actors: int = field(default=1, metadata=flag(
+    catalog: str = field(metadata=option("catalogue Parquet file or directory (local or s3://); needs movie_id, title"))
+    out: str = field(metadata=option("embeddings root; the run goes to <out>/version=<version>/embeddings.parquet"))
+    actors: int = field(default=1, metadata=option(
         "TitleEmbedder actors (model replicas); each gets the node's CPUs less one for Ray Data's read, and as "
-        "many torch threads as the node's cores shared by its actors", type=positive_int))
-    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=flag(
-        f"titles per forward pass (default {DEFAULT_BATCH_SIZE})", type=positive_int))
-    model_dir: str | None = field(default=None, metadata=flag(
+        "many torch threads as the node's cores shared by its actors", check=AT_LEAST_1))
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=option(
+        f"titles per forward pass (default {DEFAULT_BATCH_SIZE})", check=AT_LEAST_1))
+    model_dir: str | None = field(default=None, metadata=option(
         f"a local sentence-transformers folder (mean pooling); default: {MODEL_NAME} from the {MODEL_PACKAGE} "
         "package"))
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)  # the storage flags'
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VA
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
 from genre_pipeline import cluster
+from genre_pipeline.config_fields import POSITIVE, check_fields, option
 from genre_pipeline.cuda_guard import check_gpu_workers
 from genre_pipeline.data import storage
 from genre_pipeline.errors import ConfigError, JobInputError
 from genre_pipeline.evaluate.metrics import THRESHOLD_OBJECTIVES
 from genre_pipeline.genres import GENRES
-from genre_pipeline.jobs_cli import flag, positive_float
 from genre_pipeline.model.architectures import ARCHS, PRETRAINED_ARCHS, default_preprocess, weights_source
 from genre_pipeline.model.checkpoints import META_FILE, ModelMeta, publish_checkpoint
 from genre_pipeline.runtime import TORCH_WORKER_ENV
@@ -84,52 +84,55 @@ class TrainJobConfig:
     are the recommended recipe for real posters: a pretrained EfficientNet-Lite0, its head trained on cached
     features, then three epochs of the whole network."""
 
-    catalog: str = field(metadata=flag("catalogue Parquet (local or s3://)"))
-    storage_path: str = field(metadata=flag("where Ray Train keeps runs and checkpoints"))
-    name: str = field(metadata=flag("run name; the same name resumes the same run"))
-    arch: str = field(default=DEFAULT_ARCH, metadata=flag(
+    catalog: str = field(metadata=option("catalogue Parquet (local or s3://)"))
+    storage_path: str = field(metadata=option("where Ray Train keeps runs and checkpoints"))
+    name: str = field(metadata=option("run name; the same name resumes the same run"))
+    arch: str = field(default=DEFAULT_ARCH, metadata=option(
         f"model architecture (default {DEFAULT_ARCH}); pretrained by default: {PRETRAINED_ARCHS}", choices=ARCHS))
-    epochs: int = field(default=3, metadata=flag(
+    epochs: int = field(default=3, metadata=option(
         "full-network epochs, after the head phase (a resumed run counts on)"))
-    batch_size: int = field(default=32, metadata=flag("images per step per worker"))
+    batch_size: int = field(default=32, metadata=option("images per step per worker"))
     # The backbone's LR is lr x backbone_lr_scale.
-    lr: float = field(default=2e-4, metadata=flag("AdamW LR of the head in full-network epochs"))
-    weight_decay: float = field(default=1e-2, metadata=flag("AdamW weight decay"))
-    num_workers: int = field(default=2, metadata=flag("Ray Train workers (DDP)"))
-    use_gpu: bool = field(default=False, metadata=flag("one GPU per worker, nccl"))
-    cpus_per_worker: float = field(default=1.0, metadata=flag(
+    lr: float = field(default=2e-4, metadata=option("AdamW LR of the head in full-network epochs"))
+    weight_decay: float = field(default=1e-2, metadata=option("AdamW weight decay"))
+    num_workers: int = field(default=2, metadata=option("Ray Train workers (DDP)"))
+    use_gpu: bool = field(default=False, metadata=option("one GPU per worker, nccl"))
+    cpus_per_worker: float = field(default=1.0, metadata=option(
         "CPUs reserved per worker; leave some for Ray Data's decoding tasks"))
-    val_fraction: float = field(default=0.15, metadata=flag(
+    val_fraction: float = field(default=0.15, metadata=option(
         "share of train rows held out for validation, by a stable hash of movie_id"))
-    image_size: int | None = field(default=None, metadata=flag(
+    image_size: int | None = field(default=None, metadata=option(
         "input width in pixels; default: the arch's (a pretrained backbone's own). The EfficientNet-Lites take "
         "posters whole at 2:3 (height 1.5 x width), the others squares"))
-    pretrained: bool | None = field(default=None, metadata=flag(
+    pretrained: bool | None = field(default=None, metadata=option(
         "start from ImageNet weights: the installed package's for the EfficientNet-Lites (the default), "
         "torchvision's download for resnet50 (off by default)", action=argparse.BooleanOptionalAction))
-    weights: str | None = field(default=None, metadata=flag(
+    weights: str | None = field(default=None, metadata=option(
         "start from this ImageNet state_dict file instead (path or s3://)"))
-    head_epochs: int | None = field(default=None, metadata=flag(
+    head_epochs: int | None = field(default=None, metadata=option(
         "head-only epochs on cached features of the frozen backbone, before the full-network epochs; the best on "
         f"validation is kept (default: {PRETRAINED_HEAD_EPOCHS} for a pretrained backbone, 0 from scratch)"))
-    head_lr: float = field(default=3e-5, metadata=flag("AdamW LR of the head phase"))
-    backbone_lr_scale: float = field(default=0.25, metadata=flag(
+    head_lr: float = field(default=3e-5, metadata=option("AdamW LR of the head phase"))
+    backbone_lr_scale: float = field(default=0.25, metadata=option(
         "backbone LR = lr x this in full-network epochs"))
-    patience: int = field(default=0, metadata=flag(
+    patience: int = field(default=0, metadata=option(
         "stop after N full-network epochs without a better validation mAP@3; 0 = run all epochs"))
-    threshold_objective: str = field(default="micro", metadata=flag(
+    threshold_objective: str = field(default="micro", metadata=option(
         "the F1 that validation thresholds maximise: micro (the default: one threshold for all genres, every "
         "label counts), macro (per genre; finds rare genres at the cost of many false labels) or samples (one "
         "threshold, per-movie F1)", choices=THRESHOLD_OBJECTIVES))
-    class_weighting: bool = field(default=False, metadata=flag(
+    class_weighting: bool = field(default=False, metadata=option(
         "BCE with per-genre positive weights sqrt(neg/pos) against imbalance (helps macro-F1)",
         action=argparse.BooleanOptionalAction))
-    seed: int = field(default=0, metadata=flag("torch seed"))
-    start_timeout: float = field(default=cluster.DEFAULT_START_TIMEOUT_SECONDS, metadata=flag(
+    seed: int = field(default=0, metadata=option("torch seed"))
+    start_timeout: float = field(default=cluster.DEFAULT_START_TIMEOUT_SECONDS, metadata=option(
         "seconds a joined cluster may take to offer the workers' resources, and Ray Train to place the workers "
         f"at each (re)start; then the run fails with exit 2 (default {cluster.DEFAULT_START_TIMEOUT_SECONDS:g})",
-        type=positive_float))
+        check=POSITIVE))
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)  # the storage flags'
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def starts_pretrained(self) -> bool:

@@ -18,6 +18,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from genre_pipeline.config_fields import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check_fields, option
 from genre_pipeline.cuda_guard import check_gpu_workers
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import CatalogError, read_catalog
@@ -25,7 +26,6 @@ from genre_pipeline.data.posters import decode_posters, fetch_posters
 from genre_pipeline.errors import ConfigError
 from genre_pipeline.evaluate.metrics import THRESHOLD_OBJECTIVES
 from genre_pipeline.genres import GENRES, encode_many
-from genre_pipeline.jobs_cli import flag, fraction, non_negative_float, positive_float, positive_int
 from genre_pipeline.model.architectures import PRETRAINED_ARCHS, default_preprocess, lite_backbone, weights_source
 from genre_pipeline.model.signals import POSTER, SIGNAL_ORDER
 from genre_pipeline.runtime import TORCH_WORKER_ENV
@@ -67,41 +67,44 @@ RESUME_FIXED = ("arch", "data_fingerprint", "image_size", "threshold_objective",
 class FusionJobConfig:
     """The fusion training job's settings; each field's metadata is its flag in jobs/train_fusion_model.py."""
 
-    catalog: str = field(metadata=flag("catalogue Parquet (local or s3://)"))
-    storage_path: str = field(metadata=flag("where Ray Train keeps runs and checkpoints"))
-    name: str = field(metadata=flag(
+    catalog: str = field(metadata=option("catalogue Parquet (local or s3://)"))
+    storage_path: str = field(metadata=option("where Ray Train keeps runs and checkpoints"))
+    name: str = field(metadata=option(
         "run name; the model goes to <storage-path>/<name>/model. A name is re-run only with the settings, data "
         "and embedding tables it was trained with"))
-    title_embeddings: str | None = field(default=None, metadata=flag(
+    title_embeddings: str | None = field(default=None, metadata=option(
         "title embedding version folder (jobs/embed_titles.py); adds the title signal"))
-    ratings_embeddings: str | None = field(default=None, metadata=flag(
+    ratings_embeddings: str | None = field(default=None, metadata=option(
         "ratings embedding version folder (jobs/embed_ratings.py); adds the ratings signal"))
-    poster: bool = field(default=True, metadata=flag(
+    poster: bool = field(default=True, metadata=option(
         "use the poster signal (a frozen ImageNet backbone's features)", action=argparse.BooleanOptionalAction))
-    arch: str = field(default=DEFAULT_ARCH, metadata=flag(
+    arch: str = field(default=DEFAULT_ARCH, metadata=option(
         "the poster backbone, ImageNet-pretrained from its package", choices=PRETRAINED_ARCHS))
-    image_size: int | None = field(default=None, metadata=flag(
-        "poster width in pixels (height 1.5 x width); default: the backbone's", type=positive_int))
-    hidden: int = field(default=256, metadata=flag("width of the fused representation", type=positive_int))
-    dropout: float = field(default=0.3, metadata=flag("dropout in the encoders and classifier", type=fraction))
-    signal_dropout: float = field(default=0.5, metadata=flag(
-        "chance each present signal is hidden from a training row (modality dropout)", type=fraction))
-    epochs: int = field(default=200, metadata=flag("epochs over the cached signals", type=positive_int))
-    patience: int = field(default=30, metadata=flag(
+    image_size: int | None = field(default=None, metadata=option(
+        "poster width in pixels (height 1.5 x width); default: the backbone's", check=AT_LEAST_1))
+    hidden: int = field(default=256, metadata=option("width of the fused representation", check=AT_LEAST_1))
+    dropout: float = field(default=0.3, metadata=option("dropout in the encoders and classifier", check=FRACTION))
+    signal_dropout: float = field(default=0.5, metadata=option(
+        "chance each present signal is hidden from a training row (modality dropout)", check=FRACTION))
+    epochs: int = field(default=200, metadata=option("epochs over the cached signals", check=AT_LEAST_1))
+    patience: int = field(default=30, metadata=option(
         "stop after N epochs without a better validation score (mean mAP@3 over signal subsets)"))
-    lr: float = field(default=1e-3, metadata=flag("AdamW LR", type=positive_float))
-    weight_decay: float = field(default=1e-2, metadata=flag("AdamW weight decay", type=non_negative_float))
-    batch_size: int = field(default=32, metadata=flag("posters per backbone pass", type=positive_int))
-    num_workers: int = field(default=2, metadata=flag("Ray Train workers", type=positive_int))
-    use_gpu: bool = field(default=False, metadata=flag("one GPU per worker"))
-    cpus_per_worker: float = field(default=0.5, metadata=flag("CPUs reserved per worker", type=positive_float))
-    val_fraction: float = field(default=0.15, metadata=flag(
+    lr: float = field(default=1e-3, metadata=option("AdamW LR", check=POSITIVE))
+    weight_decay: float = field(default=1e-2, metadata=option("AdamW weight decay", check=NON_NEGATIVE))
+    batch_size: int = field(default=32, metadata=option("posters per backbone pass", check=AT_LEAST_1))
+    num_workers: int = field(default=2, metadata=option("Ray Train workers", check=AT_LEAST_1))
+    use_gpu: bool = field(default=False, metadata=option("one GPU per worker"))
+    cpus_per_worker: float = field(default=0.5, metadata=option("CPUs reserved per worker", check=POSITIVE))
+    val_fraction: float = field(default=0.15, metadata=option(
         "share of train movies held out for validation, by a stable hash of movie_id (the poster model's split)",
-        type=fraction))
-    threshold_objective: str = field(default="micro", metadata=flag(
+        check=FRACTION))
+    threshold_objective: str = field(default="micro", metadata=option(
         "the F1 each signal subset's thresholds maximise", choices=THRESHOLD_OBJECTIVES))
-    seed: int = field(default=0, metadata=flag("torch seed"))
+    seed: int = field(default=0, metadata=option("torch seed"))
     storage_options: storage.StorageOptions = field(default_factory=storage.StorageOptions)  # the storage flags'
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     @property
     def tables(self) -> dict[str, str]:

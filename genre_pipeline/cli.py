@@ -1,12 +1,11 @@
-"""The jobs' command lines, defined once: each config field carries its own flag in its dataclass metadata.
+"""The jobs' command lines, built from their configs: each config field with `config_fields.option` metadata is one
+flag, with the field's default, help and rule.
 
-    batch_size: int | None = field(default=None, metadata=flag("images per forward pass", type=positive_int))
-
-`add_config_flags` adds `--batch-size` with the field's default (a bool is a switch, `tuple[str, ...]` a
-repeatable flag, an int or float is parsed as one) and `config_from_args` builds the config back from the parsed
-flags. `job_parser` builds a job's whole parser (its config's flags, then `--pushgateway` where the job pushes
-metrics, then the object storage flags) and `parse_job_args` turns a command line into the config; each job lists
-the flags that are not config fields in its `EXTRA_FLAGS`.
+`add_config_flags` adds `--batch-size` for the field `batch_size` (a bool is a switch, `tuple[str, ...]` a
+repeatable flag, an int or float is parsed as one, and the field's rule is checked as the flag is parsed) and
+`config_from_args` builds the config back from the parsed flags. `job_parser` builds a job's whole parser (its
+config's flags, then `--pushgateway` where the job pushes metrics, then the object storage flags) and
+`parse_job_args` turns a command line into the config.
 """
 
 from __future__ import annotations
@@ -15,34 +14,24 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
-from datetime import date
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from genre_pipeline.config_fields import OPTION, Check, field_check, option_fields
 from genre_pipeline.data.storage import StorageOptions
 
-FLAG = "flag"  # the field metadata key
 STORAGE_FLAGS = ("--endpoint-url", "--anonymous", "--region")
 PUSHGATEWAY_FLAG = "--pushgateway"
 ConfigT = TypeVar("ConfigT")
 
 
-def flag(help: str, *, name: str | None = None, **options: Any) -> dict[str, Any]:
-    """Field metadata for a flag: its help, its name where it is not `--field-name` (users' scripts pass that
-    name), and argparse options (`type` for a range check, `choices`, `action`, `metavar`)."""
-    return {FLAG: {"name": name, "options": {"help": help, **options}}}
-
-
-def flag_fields(config_class: type) -> list[dataclasses.Field]:
-    return [field for field in dataclasses.fields(config_class) if FLAG in field.metadata]
-
-
 def flag_name(field: dataclasses.Field) -> str:
-    return field.metadata[FLAG]["name"] or "--" + field.name.replace("_", "-")
+    return field.metadata[OPTION]["name"] or "--" + field.name.replace("_", "-")
 
 
-def inferred_options(annotation: Any) -> dict[str, Any]:
-    """What the annotation implies: a bool is a switch, a tuple a repeatable flag, a number parsed as one."""
+def inferred_options(annotation: Any, check: Check | None) -> dict[str, Any]:
+    """What the annotation implies: a bool is a switch, a tuple a repeatable flag, a number parsed as one; and
+    the field's rule checked on the parsed value."""
     if isinstance(annotation, types.UnionType):  # `T | None`: None is the default, never typed in
         (annotation,) = (arg for arg in typing.get_args(annotation) if arg is not type(None))
     if annotation is bool:
@@ -50,11 +39,29 @@ def inferred_options(annotation: Any) -> dict[str, Any]:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is list or (origin is tuple and args[-1:] == (Ellipsis,)):  # a fixed-size tuple is one value
         return {"action": "append"}
-    return {"type": annotation} if annotation in (int, float) else {}
+    parse = check.parse if check is not None and check.parse else annotation if annotation in (int, float) else None
+    if check is not None:
+        return {"type": checked(parse or str, check)}
+    return {"type": parse} if parse else {}
+
+
+def checked(parse: Callable[[str], Any], check: Check) -> Callable[[str], Any]:
+    """An argparse type: the flag's text parsed, then held to the field's rule; argparse prints the message."""
+    def parse_and_check(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{check.rule}, got {text}") from None
+        if check.problem(value):
+            raise argparse.ArgumentTypeError(f"{check.rule}, got {text}")
+        return value
+    return parse_and_check
 
 
 def argparse_options(field: dataclasses.Field, annotation: Any) -> dict[str, Any]:
-    options = {"dest": field.name, **inferred_options(annotation), **field.metadata[FLAG]["options"]}
+    metadata = field.metadata[OPTION]
+    options = {"dest": field.name, **inferred_options(annotation, field_check(field)), "help": metadata["help"],
+               **metadata["flag_options"]}
     if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
         return {**options, "required": True}
     default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
@@ -67,14 +74,14 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type,
     """One flag per field with `flag` metadata, in field order; `groups` puts a field's flag in an argument
     group (e.g. a required mutually exclusive one) instead of the parser."""
     annotations = typing.get_type_hints(config_class)
-    for field in flag_fields(config_class):
+    for field in option_fields(config_class):
         container = (groups or {}).get(field.name, parser)
         container.add_argument(flag_name(field), **argparse_options(field, annotations[field.name]))
 
 
 def config_from_args(config_class: type[ConfigT], args: argparse.Namespace, **values: Any) -> ConfigT:
     """The config from its parsed flags; `values` are the fields that are not flags (the storage options)."""
-    for field in flag_fields(config_class):
+    for field in option_fields(config_class):
         value = getattr(args, field.name)
         values[field.name] = tuple(value) if isinstance(value, list) else value
     return config_class(**values)
@@ -112,36 +119,3 @@ def parse_job_args(parser: argparse.ArgumentParser, config_class: type[ConfigT],
     those that are not config fields (e.g. `--pushgateway`)."""
     args = parser.parse_args(argv)
     return config_from_args(config_class, args, storage_options=storage_options_from(args)), args
-
-
-# Flag types: argparse prints an ArgumentTypeError's message, and a ValueError as "invalid <function name> value".
-def run_date(text: str) -> str:
-    return date.fromisoformat(text).isoformat()
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
