@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 from conftest import load_job
 
-from genre_pipeline.data.storage import StorageOptions
-from genre_pipeline.evaluate.report import EvaluateConfig
 from genre_pipeline.cli import STORAGE_FLAGS, flag_name
 from genre_pipeline.config_fields import option_fields as flag_fields
+from genre_pipeline.data.storage import StorageOptions
+from genre_pipeline.evaluate.report import EvaluateConfig
 from genre_pipeline.label.migrate import MigrateConfig
 from genre_pipeline.label.pipeline import LabelConfig
 from genre_pipeline.signals.ratings import RatingsConfig
