@@ -23,19 +23,27 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The demo's terminal shows the jobs' own lines and Ray's warnings; Ray's INFO lines and its workers' output (the
+# training epochs, Ray Data's plans) stay in the Ray session's log files, /tmp/ray/session_latest/logs.
+demo: export RAY_LOG_TO_DRIVER = 0
 demo: install
 	rm -rf $(DEMO)
+	@echo "== 1/6 A sample catalogue: $(DEMO_MOVIES) movies, posters drawn from their genres"
 	$(PY) jobs/build_catalog.py --sample $(DEMO_MOVIES) --out $(DEMO)/sample
+	@echo "== 2/6 Fine-tune a pretrained EfficientNet-Lite0 with Ray Train (a few minutes on a laptop's CPUs)"
 	$(PY) jobs/train_genre_model.py --catalog $(DEMO)/sample/catalog.parquet $(DEMO_TRAIN_FLAGS) \
 		--storage-path $(abspath $(DEMO))/runs --name demo-lite0
-	$(PY) jobs/label_catalog.py --catalog $(DEMO)/sample/catalog.parquet --model $(DEMO)/runs/demo-lite0/model \
-		--output $(DEMO)/labels --run-date $(RUN_DATE)
+	@echo "== 3/6 Label the catalogue with Ray Data: night $(RUN_DATE)"
+	$(PY) jobs/label_catalog.py --catalog $(DEMO)/sample/catalog.parquet \
+		--model $(DEMO)/runs/demo-lite0/model --output $(DEMO)/labels --run-date $(RUN_DATE)
+	@echo "== 4/6 The next night: nothing changed, so nothing is scored; every row is carried over"
+	$(PY) jobs/label_catalog.py --catalog $(DEMO)/sample/catalog.parquet \
+		--model $(DEMO)/runs/demo-lite0/model --output $(DEMO)/labels --run-date $(NEXT_DATE)
+	@echo "== 5/6 The labels table in SQL"
+	$(PY) jobs/query_labels.py --labels $(DEMO)/labels --query latest --limit 5
+	@echo "== 6/6 The night's labels against the true genres of the test split (movies the model never saw)"
 	$(PY) jobs/evaluate.py --labels $(DEMO)/labels --catalog $(DEMO)/sample/catalog.parquet --split test \
 		--model $(DEMO)/runs/demo-lite0/model --out $(DEMO)/evaluation
-	$(PY) jobs/query_labels.py --labels $(DEMO)/labels --query latest --limit 5
-	@echo "The next night: nothing changed, so nothing is scored; every row is carried over."
-	$(PY) jobs/label_catalog.py --catalog $(DEMO)/sample/catalog.parquet --model $(DEMO)/runs/demo-lite0/model \
-		--output $(DEMO)/labels --run-date $(NEXT_DATE)
 
 # The venv's bin first on PATH: tests run its command-line tools (ray, hadolint) as a user's shell would.
 test: install

@@ -58,7 +58,7 @@ from genre_pipeline.data.tensors import to_model_input  # noqa: E402
 from genre_pipeline.genres import GENRES, encode_many  # noqa: E402
 from genre_pipeline.model.architectures import ARCHS, build_model, default_preprocess  # noqa: E402
 from genre_pipeline.model.checkpoints import ModelMeta, save_checkpoint  # noqa: E402
-from genre_pipeline.model.predictor import GenrePredictor  # noqa: E402
+from genre_pipeline.model.predictor import GenrePredictor, load_predictor  # noqa: E402
 from genre_pipeline.model.signals import POSTER
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_CUDA = 0, 1, 3
@@ -245,8 +245,8 @@ def device_decode_rate(data: Sequence[bytes], image_size: Size, batch_size: int,
 
 def predict_check(model_uri: str, images: np.ndarray, device: torch.device) -> Check:
     """Scores on `device` against CPU fp32 on the same posters, with the checkpoint's thresholds."""
-    reference = GenrePredictor(model_uri, device="cpu", num_threads=usable_cpus(), precision="fp32")
-    candidate = GenrePredictor(model_uri, device=str(device), num_threads=usable_cpus())
+    reference = load_predictor(model_uri, device="cpu", num_threads=usable_cpus(), precision="fp32")
+    candidate = load_predictor(model_uri, device=str(device), num_threads=usable_cpus())
     expected, got = reference.predict(images), candidate.predict(images)
     thresholds = reference.meta.thresholds_for(POSTER)
     max_diff = float(np.abs(expected - got).max())
@@ -341,7 +341,7 @@ def train_step_check(arch: str, images: np.ndarray, targets: np.ndarray, spec: P
 
 
 def compiled_ceiling(model_uri: str, images: np.ndarray, batch_size: int, device: torch.device) -> float:
-    predictor = GenrePredictor(model_uri, device=str(device), num_threads=usable_cpus(), compile_model=True)
+    predictor = load_predictor(model_uri, device=str(device), num_threads=usable_cpus(), compile_model=True)
     return ceiling(predictor, images, batch_size)  # its warm-up pays for compilation, outside the timing
 
 
@@ -365,7 +365,7 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Check]:
         say(f"{args.arch} at {size}x{size}, {len(images)} posters of 300x450 (generated in "
             f"{time.perf_counter() - started:.1f}s), batch {args.batch_size}, random weights")
 
-        predictor = GenrePredictor(posters.model_uri, device=str(device), num_threads=workers)
+        predictor = load_predictor(posters.model_uri, device=str(device), num_threads=workers)
         top = ceiling(predictor, images, args.batch_size)
         say(f"ceiling: GenrePredictor.predict on {device}, preloaded posters: {top:.1f} posters/s")
 

@@ -35,20 +35,16 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from genre_pipeline.cluster import ActorResources  # noqa: E402
 from genre_pipeline.data.catalog import write_catalog  # noqa: E402
 from genre_pipeline.data.images import PreprocessSpec, decode_poster  # noqa: E402
 from genre_pipeline.data.sample import build_sample_catalog  # noqa: E402
 from genre_pipeline.genres import GENRES  # noqa: E402
 from genre_pipeline.label.night import label_catalog  # noqa: E402
-from genre_pipeline.label.pipeline import (  # noqa: E402
-    ActorResources,
-    LabelConfig,
-    resolve_actor_resources,
-    resolve_batch_size,
-)
+from genre_pipeline.label.pipeline import LabelConfig, resolve_actor_resources, resolve_batch_size  # noqa: E402
 from genre_pipeline.model.architectures import build_model, default_preprocess  # noqa: E402
 from genre_pipeline.model.checkpoints import ModelMeta, load_checkpoint, save_checkpoint  # noqa: E402
-from genre_pipeline.model.predictor import PRECISIONS, GenrePredictor  # noqa: E402
+from genre_pipeline.model.predictor import PRECISIONS, load_predictor  # noqa: E402
 
 MIB = 2**20
 
@@ -120,7 +116,7 @@ def ceiling(config: LabelConfig, resources: ActorResources) -> float:
     """(a) The model alone on preloaded, decoded posters, as one PosterLabeller actor runs it (same threads,
     batch size and precision), times the job's actors: single-threaded processes scoring at once each keep the
     speed of one alone (docs/performance.md)."""
-    predictor = GenrePredictor(config.model, num_threads=resources.threads, precision=config.precision)
+    predictor = load_predictor(config.model, num_threads=resources.threads, precision=config.precision)
     size, batch_size = predictor.spec.shape, resolve_batch_size(config)
     uris = [u for u in pq.read_table(config.catalog, columns=["poster_uri"])["poster_uri"].to_pylist() if u]
     images = np.stack([decode_poster(Path(u).read_bytes(), size) for u in uris])

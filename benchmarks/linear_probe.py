@@ -28,7 +28,7 @@ from genre_pipeline.data.tensors import to_model_input  # noqa: E402
 from genre_pipeline.evaluate.metrics import metrics_line, summary_metrics, tune_thresholds  # noqa: E402
 from genre_pipeline.genres import DEFAULT_THRESHOLD, GENRES, encode_many  # noqa: E402
 from genre_pipeline.model.architectures import PRETRAINED_ARCHS, build_model, default_preprocess  # noqa: E402
-from genre_pipeline.train.data import load_training_rows, split_rows  # noqa: E402
+from genre_pipeline.train.rows import load_training_rows, split_rows  # noqa: E402
 
 BATCH = 32
 

@@ -30,16 +30,15 @@ from torch import nn  # noqa: E402
 from genre_pipeline.data.catalog import write_catalog  # noqa: E402
 from genre_pipeline.data.posters import fetch_posters  # noqa: E402
 from genre_pipeline.data.sample import build_sample_catalog  # noqa: E402
-from genre_pipeline.genres import GENRES  # noqa: E402
+from genre_pipeline.genres import GENRES, encode_many  # noqa: E402
 from genre_pipeline.model.architectures import build_model, default_preprocess  # noqa: E402
-from genre_pipeline.train.data import (  # noqa: E402
-    GENRE_SEPARATOR,
+from genre_pipeline.train.driver import TrainJobConfig, build_trainer, loop_config  # noqa: E402
+from genre_pipeline.train.loop import make_optimizer, train_one_epoch  # noqa: E402
+from genre_pipeline.train.rows import (  # noqa: E402
     load_training_rows,
     prepare_training_batch,
     split_rows,
 )
-from genre_pipeline.train.driver import TrainJobConfig, build_trainer, loop_config  # noqa: E402
-from genre_pipeline.train.loop import make_optimizer, train_one_epoch  # noqa: E402
 
 SEED = 0
 
@@ -54,15 +53,14 @@ def job_config(catalog: str, root: Path, args: argparse.Namespace) -> TrainJobCo
 
 def plain_batches(rows: pa.Table, batch_size: int, image_size: int):
     """What a plain script does per step: read, decode and augment the batch's posters, in line."""
-    labels = [GENRE_SEPARATOR.join(g) for g in rows["genres"].to_pylist()]
+    targets = encode_many(rows["genres"].to_pylist(), GENRES)
     uris = rows["poster_uri"].to_pylist()
     order = np.random.default_rng(SEED).permutation(len(uris))
     for start in range(0, len(order), batch_size):
         picked = order[start:start + batch_size]
         batch = {"poster_uri": np.array([uris[i] for i in picked], dtype=object),
-                 "genre_labels": np.array([labels[i] for i in picked], dtype=object)}
-        prepared = prepare_training_batch(fetch_posters(batch), genres=GENRES, image_size=image_size,
-                                          augment=True)
+                 "target": targets[picked]}
+        prepared = prepare_training_batch(fetch_posters(batch), image_size=image_size, augment=True)
         yield {"image": torch.from_numpy(prepared["image"]), "target": torch.from_numpy(prepared["target"])}
 
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from genre_pipeline.config_fields import OPTION, Check, field_check, option_fields
 from genre_pipeline.data.storage import StorageOptions
+from genre_pipeline.errors import ConfigError
 
 STORAGE_FLAGS = ("--endpoint-url", "--anonymous", "--region")
 PUSHGATEWAY_FLAG = "--pushgateway"
@@ -118,4 +119,7 @@ def parse_job_args(parser: argparse.ArgumentParser, config_class: type[ConfigT],
     """The job's config from `argv` (the storage flags become its `storage_options`), and the parsed flags for
     those that are not config fields (e.g. `--pushgateway`)."""
     args = parser.parse_args(argv)
-    return config_from_args(config_class, args, storage_options=storage_options_from(args)), args
+    try:
+        return config_from_args(config_class, args, storage_options=storage_options_from(args)), args
+    except ConfigError as error:  # flags that cannot work together: exit 2 with the usage, as a bad flag does
+        parser.error(str(error))

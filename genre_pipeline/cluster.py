@@ -1,8 +1,10 @@
-"""Whether the live Ray cluster can hold a job's actors or workers, checked before the job starts them.
+"""Sizing a job's actors or workers on the live Ray cluster, and whether it can hold them, before they start.
 
-Ray queues an actor that no node can place and waits for it without end; so do Ray Data (for its pool's
-minimum actors) and Ray Train (for its workers' placement group). The jobs check their pools here first, and
-fail with the pool and the cluster in the message instead.
+Every Ray job sizes here: CPU actors share their nodes' cores beside the CPU Ray Data's tasks need
+(`DATA_CPU_RESERVE`), GPU pools default to the cluster's GPUs. Ray queues an actor that no node can place and
+waits for it without end; so do Ray Data (for its pool's minimum actors) and Ray Train (for its workers'
+placement group). The jobs check their pools here first, and fail with the pool and the cluster in the message
+instead.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ POLL_SECONDS = 2.0
 DEFAULT_START_TIMEOUT_SECONDS = 900.0
 # Ray keeps resource amounts with 4 decimals: a sum of float shares may land a hair below a whole.
 EPSILON = 1e-6
+# Ray Data runs some tasks that need one whole CPU (repartition, not configurable) beside a job's actors or
+# workers: the actors on a CPU node leave that much free, or the job waits forever.
+DATA_CPU_RESERVE = 1.0
 
 T = TypeVar("T")
 
@@ -63,6 +68,15 @@ class Pool:
         return f"{self.count} {self.name}{'s' if plural else ''} of {each or 'no resources'}{' each' if plural else ''}"
 
 
+@dataclass(frozen=True)
+class ActorResources:
+    """An actor pool's size: how many actors, and what each one gets."""
+
+    actors: int
+    cpus: float  # what Ray reserves for each actor
+    threads: int  # intra-op threads (and, where the actor decodes, decode threads) of each actor
+
+
 def amount(value: float, unit: str) -> str:
     return f"{value:g} {unit}{'' if value == 1 else 's'}"
 
@@ -70,6 +84,47 @@ def amount(value: float, unit: str) -> str:
 def live_nodes() -> list[NodeResources]:
     return [NodeResources(node["Resources"].get("CPU", 0.0), node["Resources"].get("GPU", 0.0))
             for node in ray.nodes() if node.get("Alive")]
+
+
+def node_cpus(nodes: Sequence[NodeResources]) -> list[float]:
+    """The CPU counts of the nodes that have CPUs."""
+    return [node.cpus for node in nodes if node.cpus]
+
+
+def gpu_pool_size(nodes: Sequence[NodeResources], gpus_per_actor: float) -> int:
+    """How many actors of `gpus_per_actor` the nodes' GPUs hold (at least one: check_pool then says why not)."""
+    return max(1, int(sum(node.gpus for node in nodes) / gpus_per_actor + EPSILON))
+
+
+def size_cpu_actors(actors: int | None, nodes: Sequence[float], *, max_actors: int | None = None,
+                    cpus: float | None = None, threads: int | None = None, min_cpus: float = 0.0, work: str = "run",
+                    advice: str = "", error: Callable[[str], Exception] = ClusterResourcesError) -> ActorResources:
+    """CPU actors spread evenly over nodes of these CPU counts, sized for the smallest: they share its CPUs less
+    DATA_CPU_RESERVE (each at least `min_cpus`), and its cores in threads (Ray Data's tasks are mostly waiting).
+
+    `actors` None: one single-threaded actor per core, but no more than `max_actors` (an actor without work only
+    costs start-up). Separate actors never wait on each other, while an actor's threads meet at every layer, so
+    another process taking one core stalls its whole forward pass (docs/performance.md). `cpus` and `threads`,
+    when given, are each actor's. A node too small to share raises `error`, naming the `work` and the `advice`.
+    """
+    if not nodes:
+        raise error(f"no live Ray node has CPUs to {work} on (give the cluster CPU workers)")
+    smallest = min(nodes)
+    if smallest <= DATA_CPU_RESERVE:
+        raise error(
+            f"a {smallest:g}-CPU node cannot {work} on CPUs: Ray Data's read tasks need {DATA_CPU_RESERVE:g} whole "
+            f"CPU and the actors the rest; give every node at least {DATA_CPU_RESERVE + 1:g} CPUs{advice}")
+    if actors is None:
+        cores = len(nodes) * int(smallest)
+        actors = cores if max_actors is None else max(1, min(cores, max_actors))
+    per_node = actors_per_node(actors, nodes)
+    return ActorResources(actors, cpus or max(min_cpus, (smallest - DATA_CPU_RESERVE) / per_node),
+                          threads or max(1, round(smallest / per_node)))
+
+
+def actors_per_node(actors: int, nodes: Sequence[float]) -> int:
+    """The most actors one node holds when `actors` are spread evenly over the nodes."""
+    return math.ceil(actors / len(nodes))
 
 
 def places_on(node: NodeResources, pool: Pool, spare_cpus: float = 0.0) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,9 +23,59 @@ TORCH_WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(KEEP_
                     "MALLOC_TRIM_THRESHOLD_": str(KEEP_FREED_BYTES), "OMP_WAIT_POLICY": "PASSIVE"}
 
 
+# Ray's own loggers print from this level on; below it their records stay in the Ray session's log files
+# (Ray Data keeps everything, DEBUG included, in <session>/logs/ray-data/ray-data.log).
+RAY_CONSOLE_LEVEL = logging.WARNING
+RAY_CONSOLE_LOGGERS = ("ray", "ray.data", "ray.train")
+# Ray Data warnings about what this project does on purpose: off the console, still in ray-data.log. Progress bars
+# are off unless asked for (below); a small night's labels table has fewer files than Ray Data's default parallelism.
+EXPECTED_RAY_WARNINGS = ("Progress bars disabled", "Reducing the parallelism to")
+
+
+class DropExpected(logging.Filter):
+    """Drops the records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None,
+                line: str | None = None) -> None:
+    """`warnings.showwarning` as one log line (Python prints the warning's source line under it)."""
+    logging.getLogger("py.warnings").warning("%s:%d: %s: %s", filename, lineno, category.__name__, message)
+
+
 def setup_logging(verbose: bool = False) -> None:
+    """Our INFO lines on stderr; Ray's own console output from WARNING on (`quiet_ray_console`). Python warnings
+    become log lines, one line each."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warnings.showwarning = log_warning
+    # A hint to Ray Data's own callers (a filter given a function rather than an expression), not to a job's user.
+    warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'", module="ray.data")
+    quiet_ray_console()
+
+
+def quiet_ray_console() -> None:
+    """Ray's console handlers at `RAY_CONSOLE_LEVEL` (a local Ray's start, each dataset's plan, timing and
+    progress are INFO), and without `EXPECTED_RAY_WARNINGS`; the loggers' levels and file handlers stay as Ray set
+    them, so the session's log files keep everything."""
+    for name in RAY_CONSOLE_LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(max(handler.level, RAY_CONSOLE_LEVEL))
+                if not any(isinstance(f, DropExpected) for f in handler.filters):
+                    handler.addFilter(DropExpected(EXPECTED_RAY_WARNINGS))
+
+
+def progress_bars_wanted() -> bool:
+    """Ray Data's progress bars: on a terminal, or when GENRE_PIPELINE_PROGRESS is set; never in CI or job logs,
+    which they would flood (per operator, redrawn)."""
+    return bool(os.environ.get("GENRE_PIPELINE_PROGRESS")) or sys.stdout.isatty()
 
 
 def init_ray() -> None:
@@ -36,13 +88,15 @@ def init_ray() -> None:
     """
     if ray.is_initialized():
         return
-    # Jobs log their own progress; Ray Data's per-operator progress bars would flood CI logs and job logs.
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = bool(os.environ.get("GENRE_PIPELINE_PROGRESS"))
+    context.enable_progress_bars = progress_bars_wanted()
     # A bad input found in a task (a model an actor refuses) reaches the driver as itself, not as a message inside
     # a UserCodeException: run_job then exits 2 with it.
     context.raise_original_map_exception = True
-    ray.init(log_to_driver=True)
+    # Workers' output reaches this process's console unless RAY_LOG_TO_DRIVER=0 (Ray's own setting, which the
+    # demo sets): it then stays in the workers' log files under the session's logs/ folder.
+    ray.init()
+    quiet_ray_console()  # ray.init configures Ray's logger on its first call
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -31,12 +31,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def load_job(name: str) -> ModuleType:
-    """Import jobs/<name>.py as a module (jobs/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"jobs_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The job `name`'s command module, genre_pipeline.commands.<name> (what jobs/<name>.py runs)."""
+    return importlib.import_module(f"genre_pipeline.commands.{name}")
 
 
 @pytest.fixture(scope="session")

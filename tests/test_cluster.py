@@ -36,10 +36,9 @@ from ray_nodes import (
 )
 
 from genre_pipeline import cluster as placement
-from genre_pipeline.cluster import ClusterResourcesError, NodeResources, Pool, shortfall
+from genre_pipeline.cluster import ActorResources, ClusterResourcesError, NodeResources, Pool, shortfall
 from genre_pipeline.failpoints import DIR_ENV_VAR, ENV_VAR
 from genre_pipeline.label.pipeline import (
-    ActorResources,
     ActorResourcesError,
     LabelConfig,
     actors_started_in_time,

@@ -8,7 +8,7 @@ import pytest
 
 from genre_pipeline.config_fields import AT_LEAST_1, FRACTION, ISO_DATE, NON_NEGATIVE, POSITIVE, option_fields
 from genre_pipeline.errors import ConfigError
-from genre_pipeline.evaluate.report import EvaluateConfig
+from genre_pipeline.evaluate.evaluation import EvaluateConfig
 from genre_pipeline.label.pipeline import LabelConfig
 from genre_pipeline.signals.ratings import RatingsConfig
 from genre_pipeline.signals.titles import TitleEmbeddingConfig

@@ -13,17 +13,20 @@ import torch
 from conftest import load_job, read_night
 
 from genre_pipeline.data.catalog import is_validation, read_catalog, write_catalog
+from genre_pipeline.data.images import PreprocessSpec
 from genre_pipeline.data.sample import build_sample_catalog
 from genre_pipeline.genres import GENRES, encode_many
 from genre_pipeline.label.night import label_catalog
 from genre_pipeline.label.pipeline import LabelConfig, SignalTablesError
-from genre_pipeline.model.checkpoints import read_meta
-from genre_pipeline.model.fusion import FusionHead
+from genre_pipeline.model.architectures import build_model
+from genre_pipeline.model.checkpoints import ModelMeta, read_meta, save_checkpoint
+from genre_pipeline.model.fusion import FusionHead, FusionNet, FusionSpec, fusion_inputs
+from genre_pipeline.model.predictor import FusionPredictor, load_predictor
 from genre_pipeline.model.signals import all_subsets, subset_name
 from genre_pipeline.signals.embeddings import EmbeddingMeta, read_embeddings, write_embeddings
 from genre_pipeline.signals.join import signal_matrix
-from genre_pipeline.statuses import STATUS_MISSING, STATUS_OK, STATUS_PARTIAL
-from genre_pipeline.train.fusion_loop import dropped_signals
+from genre_pipeline.statuses import STATUS_MISSING, STATUS_OK, STATUS_PARTIAL, STATUS_UNREADABLE
+from genre_pipeline.train.fusion_loop import FusionLoopConfig, dropped_signals, signal_rows
 
 MOVIES = 240
 DIMS = {"title": 12, "ratings": 8}
@@ -105,6 +108,69 @@ def test_joined_columns_become_a_matrix_and_a_presence_mask():
     nan_rows = np.array([[1.0, 2.0], [np.nan, np.nan]], dtype=np.float32)
     matrix, present = signal_matrix(nan_rows, 2, 2)
     assert present.tolist() == [True, False] and matrix[1].tolist() == [0.0, 0.0]
+
+
+def mixed_batch(rows: int = 6) -> dict[str, np.ndarray]:
+    """Decoded posters for some rows, title vectors (some missing), ratings vectors (some missing)."""
+    rng = np.random.default_rng(3)
+    statuses = np.array([STATUS_OK, STATUS_MISSING, STATUS_OK, STATUS_UNREADABLE, STATUS_OK, STATUS_MISSING][:rows],
+                        dtype=object)
+    title = np.empty(rows, dtype=object)
+    title[:] = [rng.normal(size=DIMS["title"]).astype(np.float32) if i % 3 else None for i in range(rows)]
+    ratings = rng.normal(size=(rows, DIMS["ratings"])).astype(np.float32)
+    ratings[1::2] = np.nan  # no row in the ratings table
+    return {"movie_id": np.arange(rows), "status": statuses, "error": np.full(rows, None, dtype=object),
+            "image": rng.integers(0, 256, (rows, 24, 16, 3), dtype=np.uint8), "title_embedding": title,
+            "ratings_embedding": ratings, "target": np.eye(rows, len(GENRES), dtype=np.float32)}
+
+
+def test_training_and_serving_get_the_same_fused_inputs_for_the_same_rows(tmp_path):
+    """One function decides which signals a row has (`fusion_inputs`): the training rows the fusion head learns
+    from and the rows the label job scores carry the same mask and embeddings, and score the same."""
+    torch.manual_seed(0)
+    backbone = build_model(arch="efficientnet_lite0", num_genres=len(GENRES), pooled_blocks=()).backbone.eval()
+    signals, dims = ("poster", "title", "ratings"), {"poster": backbone.feature_width, **DIMS}
+    spec = PreprocessSpec(image_size=16, image_height=24)
+    config = FusionLoopConfig(arch="efficientnet_lite0", genres=list(GENRES), preprocess=spec, signals=signals,
+                              dims=dims, embeddings={}, batch_size=4)
+    batch = mixed_batch()
+    trained = signal_rows(dict(batch), backbone, config, views=1)
+    served = fusion_inputs(dict(batch), list(signals), dims)
+    np.testing.assert_array_equal(trained.mask, served.mask)
+    assert trained.mask.tolist() == [[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]]
+    for signal in DIMS:
+        np.testing.assert_array_equal(trained.embeddings[signal], served.embeddings[signal])
+
+    head = FusionHead(dims, 8, len(GENRES)).eval()
+    meta = ModelMeta(arch="efficientnet_lite0", genres=list(GENRES), preprocess=spec, thresholds=[0.5] * len(GENRES),
+                     signals=list(signals), pooled_blocks=[],
+                     fusion=FusionSpec(hidden=8, dims=dims).to_dict())
+    model = FusionNet(backbone, head)
+    save_checkpoint(tmp_path / "fusion", model, meta)
+    predictor = load_predictor(str(tmp_path / "fusion"), device="cpu", num_threads=1)
+    assert isinstance(predictor, FusionPredictor)
+    scored = predictor(dict(batch))
+    assert [list(row) for row in scored["signals"]] == served.used()
+    assert np.isnan(scored["scores"][3]).all() and scored["status"][3] == STATUS_UNREADABLE
+    with torch.inference_mode():
+        inputs = {s: torch.from_numpy(e) for s, e in trained.embeddings.items()}
+        inputs["poster"] = torch.from_numpy(trained.poster[:, 0])
+        expected = torch.sigmoid(head(inputs, torch.from_numpy(trained.mask))).numpy()
+    present = trained.mask.any(axis=1)
+    np.testing.assert_allclose(scored["scores"][present], expected[present], atol=1e-4)
+
+
+def test_the_fusion_spec_reads_and_writes_the_meta_object_of_older_checkpoints():
+    stored = {"hidden": 8, "dims": {"title": 12}, "embeddings": {"title": {"version": "v1", "uri": "u"}},
+              "thresholds_by_signals": {"title": [0.5]}, "subset_metrics": {"title": {"map_at_3": 0.5}},
+              "validation_rows": 3}
+    spec = FusionSpec.from_dict(stored)
+    assert spec.to_dict() == stored and spec.table_versions() == {"title": "v1"}
+    assert FusionSpec.from_dict({}) is None
+    meta = ModelMeta(arch="efficientnet_lite0", genres=["Drama"], preprocess=PreprocessSpec(image_size=16),
+                     thresholds=[0.3], signals=["title"], fusion=stored)
+    again = ModelMeta.from_json(meta.to_json())
+    assert again == meta and again.fusion_spec == spec and again.thresholds_for("title").tolist() == [0.5]
 
 
 def test_the_checkpoint_records_its_signals_tables_and_every_subset_beats_the_prior(fusion_model, world):

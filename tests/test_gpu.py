@@ -19,7 +19,7 @@ import torch
 from benchmark_scripts import load_benchmark
 
 from genre_pipeline.genres import GENRES
-from genre_pipeline.model.predictor import GenrePredictor
+from genre_pipeline.model.predictor import load_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -55,8 +55,8 @@ def test_predictor_on_cuda_agrees_with_cpu(gpu_check, posters, tmp_path, arch):
 @needs_cuda
 def test_fp32_scores_on_cuda_match_the_cpus(gpu_check, posters):
     built, images = posters
-    on_cpu = GenrePredictor(built.model_uri, device="cpu", precision="fp32")
-    on_cuda = GenrePredictor(built.model_uri, device="cuda", precision="fp32")
+    on_cpu = load_predictor(built.model_uri, device="cpu", precision="fp32")
+    on_cuda = load_predictor(built.model_uri, device="cuda", precision="fp32")
     assert on_cuda.device.type == "cuda" and all(p.is_cuda for p in on_cuda.model.parameters())
     assert on_cpu.device.type == "cpu" and not any(p.is_cuda for p in on_cpu.model.parameters())
     expected = on_cpu.predict(images)
@@ -117,18 +117,16 @@ def test_the_predict_check_fails_when_the_devices_scores_differ(gpu_check, poste
     """The comparison itself: scores moved on the checked device by more than MAX_SCORE_DIFF fail the check."""
     built, images = posters
 
-    class Shifted(GenrePredictor):
+    def shifted(*args, precision: str = "auto", **kwargs):
         """Scores 0.2 higher, except for the CPU reference (which predict_check asks for in fp32)."""
-
-        def __init__(self, *args, precision: str = "auto", **kwargs) -> None:
-            super().__init__(*args, precision=precision, **kwargs)
-            self.shift = 0.0 if precision == "fp32" else 0.2
-
-        def predict(self, batch: np.ndarray) -> np.ndarray:
-            return super().predict(batch) + np.float32(self.shift)
+        predictor = load_predictor(*args, precision=precision, **kwargs)
+        shift = np.float32(0.0 if precision == "fp32" else 0.2)
+        unshifted = predictor.predict
+        predictor.predict = lambda batch: unshifted(batch) + shift
+        return predictor
 
     assert gpu_check.predict_check(built.model_uri, images, torch.device("cpu")).passed
-    monkeypatch.setattr(gpu_check, "GenrePredictor", Shifted)
+    monkeypatch.setattr(gpu_check, "load_predictor", shifted)
     check = gpu_check.predict_check(built.model_uri, images, torch.device("cpu"))
     assert not check.passed, check.detail
     assert "max |score diff| 0.2000" in check.detail, check.detail

@@ -1,5 +1,6 @@
-"""Every job's flags come from one definition, its config dataclass: each field has exactly one flag, each flag is a
-field or one of the job's declared extra flags, and the flags' defaults are the dataclass's defaults."""
+"""Every job's flags come from one definition, its config dataclass: each field has exactly one flag, the other flags
+are the object storage flags (and `--pushgateway` where the job pushes metrics), and the flags' defaults are the
+dataclass's defaults."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import dataclasses
 import pytest
 from conftest import load_job
 
-from genre_pipeline.cli import STORAGE_FLAGS, flag_name
+from genre_pipeline.cli import PUSHGATEWAY_FLAG, STORAGE_FLAGS, flag_name
+from genre_pipeline.commands.build_catalog import CatalogConfig
 from genre_pipeline.config_fields import option_fields as flag_fields
 from genre_pipeline.data.storage import StorageOptions
-from genre_pipeline.evaluate.report import EvaluateConfig
+from genre_pipeline.evaluate.evaluation import EvaluateConfig
 from genre_pipeline.label.migrate import MigrateConfig
 from genre_pipeline.label.pipeline import LabelConfig
 from genre_pipeline.signals.ratings import RatingsConfig
@@ -20,10 +22,9 @@ from genre_pipeline.signals.titles import TitleEmbeddingConfig
 from genre_pipeline.train.driver import TrainJobConfig
 from genre_pipeline.train.fusion_driver import FusionJobConfig
 
-# job -> (its config class, or the job module's attribute naming it; the least argv it accepts; the config's
-# required fields for that argv)
+# job -> (its config class; the least argv it accepts; the config's required fields for that argv)
 JOBS = {
-    "build_catalog": ("Config", ["--out", "o", "--sample", "5"], {"out": "o", "sample": 5}),
+    "build_catalog": (CatalogConfig, ["--out", "o", "--sample", "5"], {"out": "o", "sample": 5}),
     "label_catalog": (LabelConfig, ["--catalog", "c", "--model", "m", "--output", "o"],
                       {"catalog": "c", "model": "m", "output": "o"}),
     "train_genre_model": (TrainJobConfig, ["--catalog", "c", "--storage-path", "s", "--name", "n"],
@@ -35,12 +36,8 @@ JOBS = {
     "train_fusion_model": (FusionJobConfig, ["--catalog", "c", "--storage-path", "s", "--name", "n"],
                            {"catalog": "c", "storage_path": "s", "name": "n"}),
 }
-NOT_FLAGS = {"storage_options"}  # built from the storage flags, which each job lists among its extra flags
-
-
-def config_class(job, name: str) -> type:
-    entry = JOBS[name][0]
-    return getattr(job, entry) if isinstance(entry, str) else entry
+NOT_FLAGS = {"storage_options"}  # built from the storage flags
+PUSHING_JOBS = {"label_catalog", "train_genre_model", "train_fusion_model"}  # these add --pushgateway
 
 
 def option_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -48,9 +45,9 @@ def option_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 
 @pytest.mark.parametrize("name", JOBS)
-def test_every_config_field_has_one_flag_and_every_flag_is_a_field_or_declared(name):
+def test_every_config_field_has_one_flag_and_the_other_flags_are_storage_or_pushgateway(name):
     job = load_job(name)
-    config = config_class(job, name)
+    config = JOBS[name][0]
     actions = option_actions(job.build_parser())
     fields = {field.name for field in dataclasses.fields(config)}
     assert fields - {field.name for field in flag_fields(config)} == NOT_FLAGS
@@ -59,9 +56,8 @@ def test_every_config_field_has_one_flag_and_every_flag_is_a_field_or_declared(n
         assert action.option_strings[0] == flag_name(field) and action.help
     flags = [action.option_strings[0] for action in actions]  # a BooleanOptionalAction also has its --no- form
     assert len(flags) == len(set(flags))
-    assert set(flags) == {flag_name(field) for field in flag_fields(config)} | set(job.EXTRA_FLAGS)
-    assert set(STORAGE_FLAGS) <= set(job.EXTRA_FLAGS)
-    assert not set(job.EXTRA_FLAGS) & {flag_name(field) for field in flag_fields(config)}
+    other_flags = set(flags) - {flag_name(field) for field in flag_fields(config)}
+    assert other_flags == set(STORAGE_FLAGS) | ({PUSHGATEWAY_FLAG} if name in PUSHING_JOBS else set())
 
 
 @pytest.mark.parametrize("name", JOBS)
@@ -70,7 +66,7 @@ def test_the_flags_defaults_are_the_configs_defaults(name):
     _, argv, required = JOBS[name]
     parsed = job.parse_config(argv)
     config = parsed[0] if isinstance(parsed, tuple) else parsed
-    assert config == config_class(job, name)(**required)
+    assert config == JOBS[name][0](**required)
     assert config.storage_options == StorageOptions()
 
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import labels_table, load_job, save_random_model, write_sample_parts
 from conftest import read_night as read_table_night
 
+from genre_pipeline.cluster import ActorResources
 from genre_pipeline.data.catalog import CATALOG_SCHEMA
 from genre_pipeline.data.sample import draw_poster, jpeg_bytes
 from genre_pipeline.genres import GENRES, score_columns
@@ -20,18 +21,17 @@ from genre_pipeline.label.actor import model_lock
 from genre_pipeline.label.contract import labels_schema
 from genre_pipeline.label.night import NightOrderError, label_catalog
 from genre_pipeline.label.pipeline import (
-    DECODE_BATCH_ROWS,
-    ActorResources,
+    SCORE_BLOCK_ROWS,
     ActorResourcesError,
     KnownRows,
     LabelConfig,
     catalog_with_known_rows,
     resolve_actor_resources,
     scoring_blocks,
-    size_cpu_actors,
+    size_label_cpu_actors,
 )
 from genre_pipeline.label.table import nights
-from genre_pipeline.model.predictor import GenrePredictor
+from genre_pipeline.model.predictor import load_predictor
 
 GOOD_IDS = range(1, 9)
 EXPECTED_STATUS = {**{i: "ok" for i in GOOD_IDS}, 20: "missing_poster", 21: "missing_poster",
@@ -152,18 +152,18 @@ def test_cpu_actors_share_the_node_and_leave_ray_data_a_cpu(ray_local, catalog, 
 def test_cpu_pool_is_sized_from_the_nodes():
     config = LabelConfig(catalog="c", model="m", output="o", run_date="2026-11-01")
     # two 8-CPU nodes: 16 single-threaded actors sharing the 7 CPUs each node leaves after Ray Data's
-    assert size_cpu_actors(config, [8.0, 8.0], rows=None) == ActorResources(actors=16, cpus=7 / 8, threads=1)
+    assert size_label_cpu_actors(config, [8.0, 8.0], rows=None) == ActorResources(actors=16, cpus=7 / 8, threads=1)
     # 3 blocks of rows: 3 actors, 2 on one node, each with half its cores
-    assert size_cpu_actors(config, [8.0, 8.0], rows=150) == ActorResources(actors=3, cpus=3.5, threads=4)
+    assert size_label_cpu_actors(config, [8.0, 8.0], rows=150) == ActorResources(actors=3, cpus=3.5, threads=4)
     # nodes of different sizes: sized for the smallest
-    assert size_cpu_actors(config, [4.0, 16.0], rows=None) == ActorResources(actors=8, cpus=0.75, threads=1)
-    assert size_cpu_actors(replace(config, threads_per_actor=2), [4.0], rows=None).threads == 2
+    assert size_label_cpu_actors(config, [4.0, 16.0], rows=None) == ActorResources(actors=8, cpus=0.75, threads=1)
+    assert size_label_cpu_actors(replace(config, threads_per_actor=2), [4.0], rows=None).threads == 2
 
 
 def test_a_one_cpu_node_is_refused_with_the_reason():
     config = LabelConfig(catalog="c", model="m", output="o", run_date="2026-11-01")
     with pytest.raises(ActorResourcesError, match="a 1-CPU node cannot score on CPUs: Ray Data's read tasks need 1"):
-        size_cpu_actors(config, [1.0, 8.0], rows=None)
+        size_label_cpu_actors(config, [1.0, 8.0], rows=None)
 
 
 def test_actors_that_would_starve_ray_data_fail_fast(ray_local, catalog, checkpoint, tmp_path, caplog):
@@ -176,7 +176,7 @@ def test_actors_that_would_starve_ray_data_fail_fast(ray_local, catalog, checkpo
 
 
 def test_a_night_is_written_in_few_large_data_files(ray_local, tmp_path):
-    """Scored blocks (64 rows) are gathered into data files of up to ROWS_PER_DATA_FILE rows by the write tasks."""
+    """Scored blocks (64 rows) are gathered into data files of up to WRITE_BLOCK_ROWS rows by the write tasks."""
     catalog = write_sample_parts(tmp_path, 700, 2, seed=3)
     model = save_random_model(tmp_path / "model", image_size=32)
     output = tmp_path / "labels"
@@ -211,7 +211,7 @@ def test_reliability_flags_reach_the_config():
 
 
 def test_the_catalogue_is_read_in_exact_blocks_without_a_footer_actor_pool(ray_local, tmp_path):
-    """Every block but one has DECODE_BATCH_ROWS rows (a short one would be bundled with the next into a
+    """Every block but one has SCORE_BLOCK_ROWS rows (a short one would be bundled with the next into a
     call of twice the work), read by Ray Data's first Parquet reader: the default one starts 32 actors to read
     the footers of even one file (seconds of start-up on a small node)."""
     catalog = write_sample_parts(tmp_path, 700, 2, seed=3)
@@ -220,7 +220,7 @@ def test_the_catalogue_is_read_in_exact_blocks_without_a_footer_actor_pool(ray_l
     config = LabelConfig(catalog=catalog, model="m", output=str(tmp_path / "labels"), run_date="2026-11-01")
     blocks = scoring_blocks(catalog_with_known_rows(config, night_digest="night", known=KnownRows()))
     sizes = [len(block["movie_id"]) for block in blocks.iter_batches(batch_size=None)]
-    assert DECODE_BATCH_ROWS == 64 and sorted(sizes) == [60] + [64] * 10  # blocks stream in any order
+    assert SCORE_BLOCK_ROWS == 64 and sorted(sizes) == [60] + [64] * 10  # blocks stream in any order
     stats = blocks.stats()
     assert "ReadParquet" in stats and "ListFiles" not in stats
     assert context.use_datasource_v2 == default_reader  # the process's other reads keep Ray Data's default
@@ -228,5 +228,5 @@ def test_the_catalogue_is_read_in_exact_blocks_without_a_footer_actor_pool(ray_l
 
 def test_single_threaded_cpu_actors_score_both_calls_at_once(checkpoint):
     """A call waiting on the model lock would idle its core at the run's end; threads or a GPU need the lock."""
-    assert isinstance(model_lock(GenrePredictor(checkpoint, device="cpu", num_threads=1)), contextlib.nullcontext)
-    assert isinstance(model_lock(GenrePredictor(checkpoint, device="cpu", num_threads=2)), type(threading.Lock()))
+    assert isinstance(model_lock(load_predictor(checkpoint, device="cpu", num_threads=1)), contextlib.nullcontext)
+    assert isinstance(model_lock(load_predictor(checkpoint, device="cpu", num_threads=2)), type(threading.Lock()))

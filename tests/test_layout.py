@@ -1,5 +1,5 @@
 """The package layout: every module imports on its own, imports form no cycle, no private names cross modules, and
-the processes that train or label never load matplotlib (only the evaluation report plots)."""
+the processes that train or label never load matplotlib (only the evaluation job's figures do)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from conftest import REPO
 PACKAGE = REPO / "genre_pipeline"
 # The modules that Ray Train workers and the label job's tasks and actors import: no plotting library there.
 WORKER_MODULES = ("genre_pipeline.train.loop", "genre_pipeline.label.pipeline")
-PLOTTING_MODULES = {"genre_pipeline.evaluate.plots", "genre_pipeline.evaluate.report"}
+PLOTTING_MODULES = {"genre_pipeline.evaluate.plots", "genre_pipeline.commands.evaluate"}
 
 
 def module_name(path: Path) -> str:
@@ -61,7 +61,7 @@ def test_worker_modules_do_not_load_matplotlib(fresh_imports, module):
     assert not fresh_imports[module].loads_matplotlib
 
 
-def test_only_the_evaluation_report_loads_matplotlib(fresh_imports):
+def test_only_the_evaluation_figures_load_matplotlib(fresh_imports):
     assert {module for module, result in fresh_imports.items() if result.loads_matplotlib} == PLOTTING_MODULES
 
 

@@ -20,7 +20,7 @@ from genre_pipeline.model.checkpoints import (
     pin_model,
     publish_checkpoint,
 )
-from genre_pipeline.model.predictor import GenrePredictor
+from genre_pipeline.model.predictor import load_predictor
 
 LABELLER = {"run_id": "test", "labelled_at": datetime(2026, 11, 1, tzinfo=timezone.utc), "fetch_and_decode": False,
             "device": "cpu", "num_threads": 1}
@@ -60,7 +60,7 @@ def test_an_actor_refuses_weights_changed_after_pinning(model):
     pinned = pin_model(str(model))
     flip_a_byte(model / "model.pt")
     with pytest.raises(DigestError, match=rf"{model / 'model.pt'}: sha256 .* does not match .* pinned by this job"):
-        GenrePredictor(pinned, device="cpu", num_threads=1)
+        load_predictor(pinned, device="cpu", num_threads=1)
 
 
 def test_weights_tampered_with_meta_and_digest_rewritten_still_fail_the_pinned_actor(model):

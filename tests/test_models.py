@@ -6,7 +6,16 @@ import torch
 
 from genre_pipeline.data.images import PreprocessSpec
 from genre_pipeline.genres import GENRES
-from genre_pipeline.model.architectures import WeightsUnavailableError, build_model, default_preprocess
+from genre_pipeline.model.architectures import (
+    ARCHS,
+    PRETRAINED_ARCHS,
+    WeightsUnavailableError,
+    architecture,
+    build_model,
+    default_preprocess,
+    fold_batchnorm,
+    weights_source,
+)
 from genre_pipeline.model.checkpoints import CheckpointError, ModelMeta, load_checkpoint, read_meta, save_checkpoint
 
 
@@ -106,3 +115,35 @@ def test_checkpoint_records_the_pooled_stages_and_older_checkpoints_still_load(t
         assert loaded.head[1].in_features == (3584 if pooled else 2560)
         with torch.inference_mode():
             assert torch.equal(loaded(images), model(images))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_registered_arch_builds_preprocesses_names_its_weights_and_folds(arch):
+    spec = architecture(arch)
+    assert spec.name == arch and (arch in PRETRAINED_ARCHS) == spec.pretrained
+    preprocess = default_preprocess(arch)
+    assert preprocess == spec.preprocess(None) and default_preprocess(arch, 48).image_size == 48
+    torch.manual_seed(0)
+    model = build_model(arch=arch, num_genres=len(GENRES)).eval()
+    size = min(preprocess.image_size, 64)
+    images = torch.rand(2, 3, 8 * round(size * (preprocess.shape[0] / preprocess.shape[1]) / 8), size)
+    with torch.inference_mode():
+        expected = model(images)
+        folded = fold_batchnorm(model, arch)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(images), expected, atol=1e-4, rtol=1e-4)
+    assert expected.shape == (2, len(GENRES))
+    assert weights_source(arch=arch, pretrained=False, weights=None) == {"kind": "random"}
+    if spec.has_imagenet_weights:
+        source = weights_source(arch=arch, pretrained=True, weights=None)
+        assert source["kind"] == ("torchvision" if arch == "resnet50" else "package")
+    else:
+        with pytest.raises(WeightsUnavailableError, match=f"no pretrained weights exist for arch '{arch}'"):
+            weights_source(arch=arch, pretrained=True, weights=None)
+
+
+def test_an_unknown_arch_names_the_registered_ones():
+    with pytest.raises(ValueError, match=r"unknown arch 'vit'; choose one of \('baseline', 'cnn', 'resnet50'"):
+        build_model(arch="vit", num_genres=18)
+    with pytest.raises(ValueError, match="pooled_blocks applies to efficientnet_lite0, efficientnet_lite2, not 'cnn'"):
+        build_model(arch="cnn", num_genres=18, pooled_blocks=(4,))

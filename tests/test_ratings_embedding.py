@@ -12,13 +12,9 @@ import pytest
 from conftest import load_job
 
 from genre_pipeline.signals.embeddings import read_embeddings
-from genre_pipeline.signals.ratings import (
-    RatingsConfig,
-    RatingsError,
-    embed_ratings,
-    gaussian_rows,
-    parse_dat_lines,
-)
+from genre_pipeline.signals.ratings import RatingsConfig, embed_ratings
+from genre_pipeline.signals.ratings_files import RatingsError, parse_dat_lines
+from genre_pipeline.signals.ratings_svd import gaussian_rows
 
 
 def two_communities(seed: int = 0) -> np.ndarray:

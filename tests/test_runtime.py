@@ -1,5 +1,5 @@
-"""What every job shares at start-up: a local Ray when no cluster is given, Ray Data's progress bars off
-unless asked for."""
+"""What every job shares at start-up: a local Ray when no cluster is given, Ray Data's progress bars off unless asked
+for (or on a terminal), Ray's own console output from WARNING on."""
 
 from __future__ import annotations
 
@@ -29,3 +29,26 @@ def test_a_local_ray_without_progress_bars_unless_asked():
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("bars ")]
     assert lines == ["bars - False True", "bars 1 True True"], result.stdout
+
+
+# A fresh process: the console handlers Ray and Ray Data set up on import, then ours on top.
+CONSOLE_PROBE = """
+import logging
+import ray.data
+from genre_pipeline.runtime import setup_logging
+setup_logging()
+handler = next(h for h in logging.getLogger("ray.data").handlers if type(h).__name__ == "PlainRayHandler")
+files = [h for h in logging.getLogger("ray.data").handlers if type(h).__name__ == "SessionFileHandler"]
+record = logging.LogRecord("ray.data.x", logging.WARNING, "", 1, "Reducing the parallelism to 1, as ...", (), None)
+print("console", logging.getLevelName(handler.level), handler.filter(record), len(files))
+print("level", logging.getLevelName(logging.getLogger("ray.data").level))
+"""
+
+
+def test_ray_prints_warnings_and_keeps_the_rest_in_its_log_files():
+    result = subprocess.run([sys.executable, "-c", CONSOLE_PROBE], capture_output=True, text=True, timeout=300,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The console shows WARNING and up, less the warnings about what the jobs do on purpose; the logger itself
+    # still passes DEBUG to Ray Data's file handler.
+    assert result.stdout.splitlines() == ["console WARNING False 1", "level DEBUG"], result.stdout

@@ -13,17 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import load_job
 
+from genre_pipeline.cluster import size_cpu_actors
 from genre_pipeline.signals.embeddings import read_embeddings
-from genre_pipeline.signals.titles import (
+from genre_pipeline.signals.title_encoder import (
     MODEL_PACKAGE,
     OFFLINE_ENV,
     TitleEmbedder,
     TitleModelError,
-    normalise_title,
     resolve_model_dir,
     set_offline_env,
-    size_actors,
 )
+from genre_pipeline.signals.title_text import normalise_title
 
 TITLES = {1: "Matrix, The", 2: "Matrix Reloaded, The", 3: "Toy Story", 4: None, 5: "Toy Story 2", 6: "  ",
           7: "Cité des enfants perdus, La (City of Lost Children, The)", 8: "Sense and Sensibility"}
@@ -107,9 +107,9 @@ def test_a_model_dir_without_the_model_files_is_refused(tmp_path):
 
 
 def test_actors_leave_the_read_a_cpu_and_use_the_cores_in_threads():
-    assert size_actors(1, [2.0]) == size_actors(1, [2.0, 8.0])
-    assert (size_actors(1, [2.0]).cpus, size_actors(1, [2.0]).threads) == (1.0, 2)
-    assert (size_actors(2, [4.0]).cpus, size_actors(2, [4.0]).threads) == (1.5, 2)
+    assert size_cpu_actors(1, [2.0]) == size_cpu_actors(1, [2.0, 8.0])
+    assert (size_cpu_actors(1, [2.0]).cpus, size_cpu_actors(1, [2.0]).threads) == (1.0, 2)
+    assert (size_cpu_actors(2, [4.0]).cpus, size_cpu_actors(2, [4.0]).threads) == (1.5, 2)
 
 
 @pytest.mark.slow

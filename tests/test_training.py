@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,19 +20,24 @@ from conftest import REPO, load_job
 
 from genre_pipeline.data.catalog import is_validation
 from genre_pipeline.data.images import PreprocessSpec
+from genre_pipeline.data.posters import fetch_posters
 from genre_pipeline.data.storage import StorageOptions
+from genre_pipeline.errors import ConfigError
 from genre_pipeline.evaluate.metrics import frequency_prior, mean_average_precision_at_k, prior_scores
 from genre_pipeline.failpoints import DIR_ENV_VAR, ENV_VAR
 from genre_pipeline.genres import GENRES, encode_many
 from genre_pipeline.model.architectures import build_model
 from genre_pipeline.model.checkpoints import read_meta
-from genre_pipeline.train.data import (
+from genre_pipeline.train.driver import TrainJobConfig
+from genre_pipeline.train.loop import TRAIN_STATE_FILE, LoopConfig, global_rows, lr_lambdas, train_one_epoch
+from genre_pipeline.train.rows import (
     fingerprint,
     load_training_rows,
     positive_weights,
+    prepare_training_batch,
     split_rows,
+    with_targets,
 )
-from genre_pipeline.train.loop import TRAIN_STATE_FILE, LoopConfig, global_rows, lr_lambdas, train_one_epoch
 
 # Ray Train writes it when it registers a reported checkpoint: from then on a restart resumes from it.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -135,6 +141,18 @@ def test_positive_weights_lift_rare_genres():
     assert by_genre["Western"] == pytest.approx(2.0, abs=1e-4)  # no positives: sqrt(4/1)
 
 
+def test_targets_travel_as_one_multi_hot_column_and_stay_with_their_decoded_posters(sample_catalog):
+    rows = load_training_rows(str(sample_catalog), StorageOptions()).slice(0, 6)
+    encoded = with_targets(rows, GENRES)
+    assert "genres" not in encoded.column_names and encoded["target"].type.list_size == len(GENRES)
+    targets = encode_many(rows["genres"].to_pylist(), GENRES)
+    batch = {"poster_uri": np.array(rows["poster_uri"].to_pylist(), dtype=object), "target": targets.copy()}
+    batch["poster_uri"][1] = str(sample_catalog.parent / "no-such-poster.jpg")
+    prepared = prepare_training_batch(fetch_posters(batch), image_size=32, augment=False)
+    assert prepared["image"].shape == (5, 32, 32, 3)
+    np.testing.assert_array_equal(prepared["target"], np.delete(targets, 1, axis=0))
+
+
 def test_backbone_learns_at_a_fraction_of_the_heads_rate():
     config = LoopConfig(arch="resnet50", genres=list(GENRES), preprocess=PreprocessSpec(224), epochs=10,
                         batch_size=8, backbone_lr_scale=0.1)
@@ -204,12 +222,26 @@ def test_worker_sizes_that_leave_ray_data_no_cpu_are_refused_at_once(ray_local, 
 @pytest.mark.parametrize(("flag", "value"), [("--epochs", "-1"), ("--lr", "0"), ("--batch-size", "0"),
                                              ("--val-fraction", "1"), ("--cpus-per-worker", "0"),
                                              ("--image-size", "4"), ("--num-workers", "0")])
-def test_numeric_training_flags_are_range_checked(flag, value, tmp_path, caplog):
+def test_numeric_training_flags_are_range_checked(flag, value, tmp_path, capsys):
     job = load_job("train_genre_model")
-    code = job.main(["--catalog", str(tmp_path / "none.parquet"), "--storage-path", str(tmp_path), "--name", "x",
-                     "--arch", "cnn", "--head-epochs", "0", flag, value])
-    assert code == 2
-    assert f"{flag} {float(value):g}" in caplog.text.replace(".0:", ":") and "must be" in caplog.text
+    with pytest.raises(SystemExit) as exit_:
+        job.main(["--catalog", str(tmp_path / "none.parquet"), "--storage-path", str(tmp_path), "--name", "x",
+                  "--arch", "cnn", "--head-epochs", "0", flag, value])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {flag}: must be" in error and f"got {value}" in error
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"epochs": -1}, "TrainJobConfig.epochs: must be 0 or more, got -1"),
+    ({"val_fraction": 1.0}, "TrainJobConfig.val_fraction: must be between 0 and 1"),
+    ({"image_size": 4}, "TrainJobConfig.image_size: must be at least 16, got 4"),
+    ({"arch": "cnn", "head_epochs": 3}, "--head-epochs 3: a head phase needs a pretrained backbone"),
+    ({"arch": "cnn", "epochs": 0}, "--epochs 0 and no head phase: nothing would be trained"),
+])
+def test_a_training_config_built_in_python_is_checked_as_it_is_made(settings, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainJobConfig(catalog="c", storage_path="s", name="n", **settings)
 
 
 @pytest.mark.slow

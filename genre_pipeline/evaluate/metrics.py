@@ -5,7 +5,7 @@ Pure numpy on `(rows, genres)` arrays in the vocabulary's column order: `y_true`
 validation rows), the evaluation job and the tests share one definition of each number. F1 follows
 `sklearn.metrics.f1_score(..., zero_division=0)`, mAP@K follows ml_metrics' `apk`, AP follows
 `sklearn.metrics.average_precision_score`. No plotting library here: training workers import this module
-(rendering lives in `report.py` and `plots.py`).
+(rendering lives in `tables.py` and `plots.py`).
 """
 
 from __future__ import annotations

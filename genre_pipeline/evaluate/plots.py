@@ -5,13 +5,17 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from genre_pipeline.evaluate.metrics import GenreMetrics
+from genre_pipeline.evaluate.scoring import TRAIN_SPLIT
 from genre_pipeline.genres import GENRES
+
+if TYPE_CHECKING:
+    from genre_pipeline.evaluate.evaluation import EvaluationReport
 
 
 def _save(figure: Figure, path: str | Path | BinaryIO) -> None:
@@ -61,3 +65,10 @@ def report_figures(
     plot_genre_distribution(train_counts, evaluated_counts, distribution, genres=genres, split_names=split_names)
     plot_per_genre_f1(per_genre, f1)
     return {"genre_distribution.png": distribution.getvalue(), "per_genre_f1.png": f1.getvalue()}
+
+
+def evaluation_figures(report: EvaluationReport) -> dict[str, bytes]:
+    """The evaluation's figures: the genres of the train rows beside those of the evaluated rows, and the model's
+    F1 per genre."""
+    return report_figures(report.train_genre_counts, report.evaluated_genre_counts, report.model.per_genre,
+                          genres=report.genres, split_names=(TRAIN_SPLIT, f"{report.split} (evaluated)"))

@@ -30,7 +30,7 @@ from genre_pipeline.label.incremental import (
 )
 from genre_pipeline.label.sink import ORIGIN_SCORED
 from genre_pipeline.model.checkpoints import PinnedModel
-from genre_pipeline.model.predictor import GenrePredictor, signal_lists
+from genre_pipeline.model.predictor import GenrePredictor, load_predictor, signal_lists
 from genre_pipeline.statuses import STATUS_INFERENCE_FAILED, STATUS_OK, STATUS_PARTIAL
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class PosterLabeller:
                  num_threads: int | None = None, forward_batch: int | None = None,
                  storage_options: storage.StorageOptions = storage.StorageOptions(),
                  poster_policy: PosterPolicy = PosterPolicy()) -> None:
-        self.predictor = GenrePredictor(model, storage_options=storage_options, device=device,
+        self.predictor = load_predictor(model, storage_options=storage_options, device=device,
                                         num_threads=num_threads, precision=precision, compile_model=compile_model)
         meta = self.predictor.meta
         self.label_kwargs = {"genres": meta.genres, "thresholds": meta.thresholds_for,

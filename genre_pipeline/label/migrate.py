@@ -24,7 +24,7 @@ What is safe, and so what the migration does:
 `input_key` stays null in migrated rows: no digest of their inputs was recorded, so the next label night scores
 every migrated movie again (a full night), and carries rows over from then on.
 
-Memory: one night at a time, and within it one batch of at most `ROWS_PER_DATA_FILE` rows (plus the night's
+Memory: one night at a time, and within it one batch of at most `WRITE_BLOCK_ROWS` rows (plus the night's
 movie ids, for the duplicate check); each batch is written as data files of the table through pyiceberg.
 """
 
@@ -50,7 +50,7 @@ from genre_pipeline.data import storage
 from genre_pipeline.errors import JobInputError
 from genre_pipeline.label.contract import PARTITION_KEY, labels_schema
 from genre_pipeline.label.night import PROPERTY_PREFIX
-from genre_pipeline.label.sink import ROWS_PER_DATA_FILE
+from genre_pipeline.label.sink import WRITE_BLOCK_ROWS
 from genre_pipeline.label.table import (
     DEFAULT_TABLE,
     EMBEDDED_CATALOG,
@@ -253,7 +253,7 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema, path: str) -> pa.Table:
 def night_batches(fs: pafs.FileSystem, night: HiveNight, schema: pa.Schema) -> Iterator[pa.Table]:
     for path in night.files:
         with fs.open_input_file(path) as file:
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=ROWS_PER_DATA_FILE):
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=WRITE_BLOCK_ROWS):
                 yield conform(batch, schema, path)
 
 

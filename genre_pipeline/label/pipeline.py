@@ -31,12 +31,16 @@ from genre_pipeline.signals.join import check_tables, join_signals
 logger = logging.getLogger(__name__)
 
 CATALOG_COLUMNS = ["movie_id", "title", "poster_uri"]
-# Rows per block, per CPU actor call and per GPU-path fetch/decode task: enough to amortise Ray Data's per-call
-# cost, few enough that blocks stay small in the object store and the run's last block is short
-# (docs/performance.md).
-DECODE_BATCH_ROWS = 64
-# Rows per input-key task: a stat per poster is cheap, a task is not.
-KEY_BATCH_ROWS = 4096
+# Rows per block: each <WHICH>_BLOCK_ROWS below (and sink.WRITE_BLOCK_ROWS) names the block it sizes.
+# Rows per block of the rows to score, per CPU actor call and per GPU-path fetch/decode task: enough to amortise
+# Ray Data's per-call cost, few enough that blocks stay small in the object store and the run's last block is
+# short (docs/performance.md).
+SCORE_BLOCK_ROWS = 64
+# Rows per input-key task's block: a stat per poster is cheap, a task is not.
+KEY_BLOCK_ROWS = 4096
+# Catalogue rows per hash-join partition when embedding tables and known label rows are joined (a few MB of
+# vectors each).
+JOIN_BLOCK_ROWS = 20_000
 # Reading the catalogue (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter
 # of a CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
 IO_TASK_CPUS = 0.25
@@ -53,18 +57,10 @@ DEFAULT_MAX_FAILED_FRACTION = 0.2
 # A night that would drop more of the previous night's movies than this is a truncated catalogue, not a
 # catalogue team's clean-up: nothing is committed unless the run says --allow-shrink.
 DEFAULT_MAX_SHRINK_FRACTION = 0.1
-# Ray Data cuts the catalogue into blocks (repartition) in tasks that need one whole CPU (not configurable): the
-# actors on a CPU node leave one, or the job waits forever.
-IO_CPU_RESERVE = 1.0
-
 
 # CPU: small batches keep each layer's activations small at the same speed (docs/performance.md). A GPU needs
 # hundreds per pass to stay busy, bounded by its memory (`--batch-size` for the card).
 DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 256}
-
-
-# Catalogue rows per hash-join partition when embedding tables are joined (a few MB of vectors each).
-JOIN_PARTITION_ROWS = 20_000
 
 
 def today_utc() -> str:
@@ -106,7 +102,7 @@ class LabelConfig:
         "GPUs per actor; 0 scores on CPU", check=NON_NEGATIVE))
     cpus_per_actor: float | None = field(default=None, metadata=option(
         "CPUs Ray reserves per actor; default 1 with GPUs, else the node's CPUs less "
-        f"{IO_CPU_RESERVE:g} for Ray Data's read tasks, shared by the node's actors", check=POSITIVE))
+        f"{cluster.DATA_CPU_RESERVE:g} for Ray Data's read tasks, shared by the node's actors", check=POSITIVE))
     # The reserved CPU's I/O tasks mostly wait, so the default's threads keep it busy too.
     threads_per_actor: int | None = field(default=None, metadata=option(
         "intra-op (and decode) threads per actor; default on CPU: the node's cores shared by its actors (1 with "
@@ -188,49 +184,39 @@ class ActorResourcesError(cluster.ClusterResourcesError):
     """Actors this cluster cannot hold, or could not start in time (the job would wait forever)."""
 
 
-@dataclass(frozen=True)
-class ActorResources:
-    actors: int  # the pool's size
-    cpus: float  # what Ray reserves for each actor
-    threads: int  # intra-op threads (and, on CPUs, decode threads) of each actor
-
-
-def resolve_actor_resources(config: LabelConfig, rows: int | None = None) -> ActorResources:
+def resolve_actor_resources(config: LabelConfig, rows: int | None = None) -> cluster.ActorResources:
     """The pool's size and each actor's CPUs and threads, from the live cluster, checked to fit on its nodes;
     `rows` (the catalogue's) caps the default pool size on CPUs. A joined cluster gets --start-timeout for its
     nodes to appear (a local Ray cannot grow)."""
     wait = config.start_timeout if os.environ.get("RAY_ADDRESS") else 0.0
-    return cluster.within(wait, lambda: size_actors(config, cluster.live_nodes(), rows))
+    return cluster.within(wait, lambda: size_label_actors(config, cluster.live_nodes(), rows))
 
 
-def size_actors(config: LabelConfig, nodes: list[cluster.NodeResources], rows: int | None) -> ActorResources:
+def size_label_actors(config: LabelConfig, nodes: list[cluster.NodeResources],
+                      rows: int | None) -> cluster.ActorResources:
     if config.on_gpu:
-        return size_gpu_actors(config, nodes)
-    cpus = [node.cpus for node in nodes if node.cpus]
-    if not cpus:
-        raise ActorResourcesError("no live Ray node has CPUs to score on (give the cluster CPU workers)")
-    return size_cpu_actors(config, cpus, rows)
+        return size_label_gpu_actors(config, nodes)
+    return size_label_cpu_actors(config, cluster.node_cpus(nodes), rows)
 
 
-def size_gpu_actors(config: LabelConfig, nodes: list[cluster.NodeResources]) -> ActorResources:
+def size_label_gpu_actors(config: LabelConfig, nodes: list[cluster.NodeResources]) -> cluster.ActorResources:
     """By default as many actors as the cluster's GPUs hold; each must fit on one node with its CPUs, beside the
     whole CPU Ray Data's read and decode tasks need."""
-    gpus = sum(node.gpus for node in nodes)
-    actors = config.actors or max(1, int(gpus / config.num_gpus_per_actor + cluster.EPSILON))
+    actors = config.actors or cluster.gpu_pool_size(nodes, config.num_gpus_per_actor)
     cpus = config.cpus_per_actor or 1.0
-    resources = ActorResources(actors, cpus, config.threads_per_actor or max(1, math.ceil(cpus)))
+    resources = cluster.ActorResources(actors, cpus, config.threads_per_actor or max(1, math.ceil(cpus)))
     cluster.check_pool(actor_pool(config, resources), nodes, error=ActorResourcesError,
                        advice="lower --actors, --num-gpus-per-actor or --cpus-per-actor, or add GPU nodes")
     return resources
 
 
-def actor_pool(config: LabelConfig, resources: ActorResources) -> cluster.Pool:
+def actor_pool(config: LabelConfig, resources: cluster.ActorResources) -> cluster.Pool:
     return cluster.Pool("label actor", resources.actors, resources.cpus, config.num_gpus_per_actor,
-                        spare_cpus=IO_CPU_RESERVE)
+                        spare_cpus=cluster.DATA_CPU_RESERVE)
 
 
 @contextlib.contextmanager
-def actors_started_in_time(config: LabelConfig, resources: ActorResources) -> Iterator[None]:
+def actors_started_in_time(config: LabelConfig, resources: cluster.ActorResources) -> Iterator[None]:
     """Around the run: Ray Data's timeout waiting for the pool's actors (--start-timeout) becomes the job's
     error, naming the pool."""
     try:
@@ -244,36 +230,19 @@ def actors_started_in_time(config: LabelConfig, resources: ActorResources) -> It
             "starting, or loading the model is slow; nothing committed") from None
 
 
-def size_cpu_actors(config: LabelConfig, nodes: list[float], rows: int | None) -> ActorResources:
-    """CPU actors on nodes of these CPU counts: they share each node's cores but leave Ray Data the CPU its read
-    tasks need.
-
-    By default each core gets its own single-threaded actor: separate actors never wait on each other, while an
-    actor's threads meet at every layer, so a decode thread or another process taking one core stalls its whole
-    forward pass (docs/performance.md).
-    """
-    smallest = min(nodes)
-    if smallest <= IO_CPU_RESERVE:
+def size_label_cpu_actors(config: LabelConfig, nodes: list[float], rows: int | None) -> cluster.ActorResources:
+    """CPU actors on nodes of these CPU counts (cluster.size_cpu_actors): by default one single-threaded actor
+    per core, but no more than the catalogue's `rows` make blocks to score."""
+    max_actors = None if rows is None else math.ceil(rows / SCORE_BLOCK_ROWS)
+    resources = cluster.size_cpu_actors(
+        config.actors, nodes, max_actors=max_actors, cpus=config.cpus_per_actor, threads=config.threads_per_actor,
+        min_cpus=0.1, work="score", advice=", or score on GPUs", error=ActorResourcesError)
+    smallest, per_node = min(nodes), cluster.actors_per_node(resources.actors, nodes)
+    if resources.cpus * per_node > smallest - cluster.DATA_CPU_RESERVE + 1e-9:
         raise ActorResourcesError(
-            f"a {smallest:g}-CPU node cannot score on CPUs: Ray Data's read tasks need {IO_CPU_RESERVE:g} whole CPU "
-            "and the actors the rest; give every node at least 2 CPUs, or score on GPUs")
-    actors = config.actors or default_cpu_actors(len(nodes) * int(smallest), rows)
-    actors_per_node = math.ceil(actors / len(nodes))
-    available = smallest - IO_CPU_RESERVE
-    cpus = config.cpus_per_actor or max(0.1, available / actors_per_node)
-    if cpus * actors_per_node > available + 1e-9:
-        raise ActorResourcesError(
-            f"--cpus-per-actor {cpus:g} x {actors_per_node} actors per node leaves Ray Data less than the "
-            f"{IO_CPU_RESERVE:g} CPU its read tasks need on {smallest:g}-CPU nodes; lower it or --actors")
-    threads = config.threads_per_actor or max(1, round(smallest / actors_per_node))
-    return ActorResources(actors, cpus, threads)
-
-
-def default_cpu_actors(cores: int, rows: int | None) -> int:
-    """One per core, but no more than the catalogue has blocks: an actor without a block only costs start-up."""
-    if rows is None:
-        return cores
-    return max(1, min(cores, math.ceil(rows / DECODE_BATCH_ROWS)))
+            f"--cpus-per-actor {resources.cpus:g} x {per_node} actors per node leaves Ray Data less than the "
+            f"{cluster.DATA_CPU_RESERVE:g} CPU its read tasks need on {smallest:g}-CPU nodes; lower it or --actors")
+    return resources
 
 
 def check_storage(config: LabelConfig) -> None:
@@ -316,22 +285,22 @@ def catalog_with_known_rows(config: LabelConfig, night_digest: str, known: Known
     options = config.storage_options
     catalog = catalog_rows(config.catalog, options, tables, rows).map_batches(
         incremental.add_input_keys, fn_kwargs={"night_digest": night_digest, "options": options},
-        batch_format="pyarrow", batch_size=KEY_BATCH_ROWS, num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
+        batch_format="pyarrow", batch_size=KEY_BLOCK_ROWS, num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
     partitions = join_partitions(rows)
     catalog = incremental.join_known_rows(catalog, known.previous, incremental.PREVIOUS, partitions)
     return incremental.join_known_rows(catalog, known.staged, incremental.STAGED, partitions)
 
 
 def scoring_blocks(rows: ray.data.Dataset) -> ray.data.Dataset:
-    """`rows` in blocks of exactly DECODE_BATCH_ROWS rows (the last one: the rest). Small blocks, streamed: a
+    """`rows` in blocks of exactly SCORE_BLOCK_ROWS rows (the last one: the rest). Small blocks, streamed: a
     catalogue that is one Parquet file must still feed every actor of the pool. Exact sizes: a short block would
     be bundled with the next into one call of twice the work."""
-    return rows.repartition(target_num_rows_per_block=DECODE_BATCH_ROWS, strict=True)
+    return rows.repartition(target_num_rows_per_block=SCORE_BLOCK_ROWS, strict=True)
 
 
 def join_partitions(rows: int | None) -> int:
-    """Hash-join partitions: about JOIN_PARTITION_ROWS catalogue rows each."""
-    return max(1, math.ceil((rows or 0) / JOIN_PARTITION_ROWS))
+    """Hash-join partitions: about JOIN_BLOCK_ROWS catalogue rows each."""
+    return max(1, math.ceil((rows or 0) / JOIN_BLOCK_ROWS))
 
 
 def poster_policy(config: LabelConfig) -> PosterPolicy:
@@ -346,15 +315,25 @@ def catalog_folder(uri: str, options: storage.StorageOptions) -> str:
     return f"s3://{parent}" if storage.is_remote(uri) else parent
 
 
+@contextlib.contextmanager
+def retry_arguments_allowed() -> Iterator[None]:
+    """Ray 2.60 bounds task retries and actor restarts only through `ray_remote_args`, which it marks deprecated
+    without offering named parameters for them yet: its warning would print once per night."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield
+
+
 def build_label_dataset(
-    config: LabelConfig, model: PinnedModel, resources: ActorResources, *, run_id: str, labelled_at: datetime,
+    config: LabelConfig, model: PinnedModel, resources: cluster.ActorResources, *, run_id: str, labelled_at: datetime,
     night_digest: str, known: KnownRows, tables: dict[str, str] | None = None, rows: int | None = None,
 ) -> ray.data.Dataset:
     """read -> input keys -> known rows joined (materialized once, in the object store) -> the rows that need
     scoring: [fetch (I/O tasks) -> decode (CPU tasks), on GPUs] -> labeller pool; the others: their known label
     rows, in tasks. No actor starts on a night with nothing to score."""
     reuse = not config.full
-    joined = catalog_with_known_rows(config, night_digest, known, tables, rows).materialize()
+    with retry_arguments_allowed():
+        joined = catalog_with_known_rows(config, night_digest, known, tables, rows).materialize()
     kept = joined.map_batches(incremental.kept_label_rows, batch_format="pyarrow", batch_size=None,
                               num_cpus=IO_TASK_CPUS,
                               fn_kwargs={"reuse": reuse, "schema": labels_schema(model.meta.genres)})
@@ -362,10 +341,7 @@ def build_label_dataset(
                                   batch_size=None, num_cpus=IO_TASK_CPUS)
     if to_score.count() == 0:
         return kept
-    with warnings.catch_warnings():
-        # Ray 2.60 bounds retries and actor restarts only through `ray_remote_args`, which it marks deprecated
-        # without offering named parameters for them yet.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+    with retry_arguments_allowed():
         posters = prepare_posters(config, model, scoring_blocks(to_score))
         scored = score_posters(posters, config, model, resources, run_id=run_id, labelled_at=labelled_at)
     return scored.union(kept)
@@ -377,14 +353,14 @@ def prepare_posters(config: LabelConfig, model: PinnedModel, posters: ray.data.D
     # The GPU actors' own CPU could not decode fast enough: decoding scales out in tasks.
     fetch_kwargs = {"options": config.storage_options, "policy": poster_policy(config)}
     return (
-        posters.map_batches(fetch_posters, fn_kwargs=fetch_kwargs, batch_size=DECODE_BATCH_ROWS,
+        posters.map_batches(fetch_posters, fn_kwargs=fetch_kwargs, batch_size=SCORE_BLOCK_ROWS,
                             num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
         .map_batches(decode_posters, fn_kwargs={"image_size": model.meta.preprocess.shape},
-                     batch_size=DECODE_BATCH_ROWS, max_retries=TASK_MAX_RETRIES)
+                     batch_size=SCORE_BLOCK_ROWS, max_retries=TASK_MAX_RETRIES)
     )
 
 
-def score_posters(posters: ray.data.Dataset, config: LabelConfig, model: PinnedModel, resources: ActorResources,
+def score_posters(posters: ray.data.Dataset, config: LabelConfig, model: PinnedModel, resources: cluster.ActorResources,
                   *, run_id: str, labelled_at: datetime) -> ray.data.Dataset:
     options = config.storage_options
     # Ray Data waits for the pool's actors without end by default; bounded, see actors_started_in_time.
@@ -405,7 +381,7 @@ def score_posters(posters: ray.data.Dataset, config: LabelConfig, model: PinnedM
                                            max_tasks_in_flight_per_actor=2, enable_true_multi_threading=True),
         # On CPU a call takes a whole block (Ray Data's per-call overhead is paid per block, not per 8 posters)
         # and scores it in forward passes of --batch-size.
-        batch_size=resolve_batch_size(config) if config.on_gpu else DECODE_BATCH_ROWS,
+        batch_size=resolve_batch_size(config) if config.on_gpu else SCORE_BLOCK_ROWS,
         num_gpus=config.num_gpus_per_actor,
         num_cpus=resources.cpus,
         max_restarts=ACTOR_MAX_RESTARTS,

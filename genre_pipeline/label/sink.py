@@ -29,9 +29,10 @@ ORIGINS = (ORIGIN_SCORED, ORIGIN_RESUMED, ORIGIN_CARRIED)
 # Whether the movie had a row in the previous night (how many of those rows the night keeps: the shrink guard).
 IN_PREVIOUS_COLUMN = "in_previous"
 TRANSIENT_COLUMNS = (ORIGIN_COLUMN, IN_PREVIOUS_COLUMN)
-# Rows per write task (and data file): few enough files for cheap scan planning; more per task would make Ray
-# Data hold the night's blocks for one task at the end (docs/performance.md).
-ROWS_PER_DATA_FILE = 50_000
+# Rows per write task's block (Ray Data bundles the scored blocks up to it), and so per data file: few enough
+# files for cheap scan planning; more per task would make Ray Data hold the night's blocks for one task at the
+# end (docs/performance.md).
+WRITE_BLOCK_ROWS = 50_000
 
 
 @dataclass
@@ -99,7 +100,7 @@ class LabelsTableSink(Datasink[BlockWrite]):
 
     @property
     def min_rows_per_write(self) -> int:
-        return ROWS_PER_DATA_FILE
+        return WRITE_BLOCK_ROWS
 
     def get_name(self) -> str:
         return "LabelsTable"

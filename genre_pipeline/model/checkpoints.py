@@ -30,7 +30,7 @@ from genre_pipeline.data import storage
 from genre_pipeline.data.images import PreprocessSpec
 from genre_pipeline.errors import JobInputError
 from genre_pipeline.model.architectures import GenreNet, build_model
-from genre_pipeline.model.fusion import FusionHead, FusionNet
+from genre_pipeline.model.fusion import FusionHead, FusionNet, FusionSpec
 from genre_pipeline.model.signals import POSTER
 
 WEIGHTS_FILE = "model.pt"
@@ -67,9 +67,14 @@ class ModelMeta:
     signals: list[str] = field(default_factory=lambda: ["poster"])  # what the model scores from
     # A Lite backbone's stages pooled beside its last convolution (empty: that alone, as before they were).
     pooled_blocks: list[int] = field(default_factory=list)
-    # A fusion model's: hidden width, each signal's input width, the embedding tables it was trained on (uri,
-    # version, space), thresholds per signal subset and validation metrics per subset. Empty: a poster model.
+    # A fusion model's `FusionSpec` as its JSON object (`fusion_spec` reads it typed; the stored form stays the
+    # object, so that the meta, its digests and the readers of older checkpoints are unchanged). Empty: a poster model.
     fusion: dict = field(default_factory=dict)
+
+    @property
+    def fusion_spec(self) -> FusionSpec | None:
+        """The fusion model's spec; None for a poster model."""
+        return FusionSpec.from_dict(self.fusion)
 
     @property
     def is_fusion(self) -> bool:
@@ -77,7 +82,8 @@ class ModelMeta:
 
     def thresholds_for(self, subset: str) -> np.ndarray:
         """The thresholds tuned for this subset of signals (a poster model: its only ones)."""
-        by_subset = self.fusion.get("thresholds_by_signals", {})
+        spec = self.fusion_spec
+        by_subset = spec.thresholds_by_signals if spec else {}
         return np.asarray(by_subset.get(subset, self.thresholds), dtype=np.float32)
 
     def to_json(self) -> str:
@@ -117,9 +123,10 @@ def build_from_meta(meta: ModelMeta) -> torch.nn.Module:
     model = build_model(arch=meta.arch, num_genres=len(meta.genres), pooled_blocks=tuple(meta.pooled_blocks))
     if not meta.is_fusion:
         return model
+    spec = meta.fusion_spec
     backbone = model.backbone if POSTER in meta.signals else None
-    dims = {signal: int(width) for signal, width in meta.fusion["dims"].items()}
-    return FusionNet(backbone, FusionHead(dims, int(meta.fusion["hidden"]), len(meta.genres)))
+    dims = {signal: int(width) for signal, width in spec.dims.items()}
+    return FusionNet(backbone, FusionHead(dims, int(spec.hidden), len(meta.genres)))
 
 
 def pooled_blocks_of(model: torch.nn.Module) -> list[int]:

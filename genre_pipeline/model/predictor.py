@@ -1,4 +1,5 @@
-"""`GenrePredictor`: the callable class the label job's actor pool runs (one model load per actor)."""
+"""The label job's scoring: `load_predictor` loads a checkpoint once per actor and returns the predictor its meta
+calls for, a `PosterPredictor` or a `FusionPredictor` (both `GenrePredictor`s, the callable the actor pool runs)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,18 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.fx.experimental.optimization import fuse
 
 from genre_pipeline import telemetry
 from genre_pipeline.data import storage
 from genre_pipeline.data.tensors import to_model_input
-from genre_pipeline.model.backbones import LITE_VARIANTS, fold_lite_batch_norms
+from genre_pipeline.model.architectures import fold_batchnorm
 from genre_pipeline.model.checkpoints import ModelMeta, PinnedModel, load_checkpoint, load_pinned
+from genre_pipeline.model.fusion import FusionInputs, fusion_inputs
 from genre_pipeline.model.signals import POSTER
 from genre_pipeline.runtime import KEEP_FREED_BYTES
-from genre_pipeline.signals.join import embedding_column, signal_matrix
 from genre_pipeline.statuses import STATUS_NO_SIGNALS, STATUS_OK, STATUS_PARTIAL
 
 logger = logging.getLogger(__name__)
@@ -74,19 +73,6 @@ def reuse_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
 
 
-def fold_batch_norms(model: torch.nn.Module, arch: str) -> torch.nn.Module:
-    """Fold each eval-mode BatchNorm into the convolution before it: the same function (to ~1e-5), one pass
-    over the activations fewer (see docs/performance.md)."""
-    if arch in LITE_VARIANTS:
-        fold_lite_batch_norms(model.backbone)
-        return model
-    try:
-        return fuse(model)
-    except Exception as error:  # a model torch.fx cannot trace still scores, only unfused
-        logger.warning("scoring without folded batch norms: %s", error)
-        return model
-
-
 def chunks(rows: np.ndarray, size: int | None) -> list[np.ndarray]:
     step = size or max(1, len(rows))
     return [rows[start:start + step] for start in range(0, len(rows), step)]
@@ -98,32 +84,7 @@ def signal_lists(rows: list[list[str]]) -> np.ndarray:
     return array
 
 
-@dataclass(frozen=True)
-class FusedInputs:
-    """A batch's signals for a fusion model: `mask` (rows, signals in the model's order), the embeddings."""
-
-    signals: list[str]
-    mask: np.ndarray
-    embeddings: dict[str, np.ndarray]
-
-    def used(self) -> list[list[str]]:
-        return [[s for s, present in zip(self.signals, row, strict=True) if present] for row in self.mask > 0]
-
-
-def fused_inputs(batch: dict[str, np.ndarray], meta: ModelMeta) -> FusedInputs:
-    count = len(batch["status"])
-    present, embeddings = {}, {}
-    for signal in meta.signals:
-        if signal == POSTER:
-            present[signal] = batch["status"] == STATUS_OK
-        else:
-            embeddings[signal], present[signal] = signal_matrix(batch.get(embedding_column(signal)), count,
-                                                                int(meta.fusion["dims"][signal]))
-    mask = np.stack([present[s] for s in meta.signals], axis=1).astype(np.float32)
-    return FusedInputs(list(meta.signals), mask, embeddings)
-
-
-def fused_status(batch: dict[str, np.ndarray], inputs: FusedInputs) -> tuple[np.ndarray, np.ndarray]:
+def fusion_status(batch: dict[str, np.ndarray], inputs: FusionInputs) -> tuple[np.ndarray, np.ndarray]:
     """`ok` with every signal; `partial_signals` with some, the error naming what was missing; with none, the
     poster's status, its error saying the other signals were missing too."""
     status, error = batch["status"].copy(), batch["error"].copy()
@@ -151,51 +112,55 @@ def is_run(rows: np.ndarray) -> bool:
 
 
 class GenrePredictor:
-    """Loads the checkpoint once; each call scores the `ok` rows of a batch and drops the image column.
+    """What the label job's actors call: loaded once (see `load_predictor`, which picks the class from the
+    checkpoint's meta); each call scores the rows of a batch it can, drops the image column, and adds `scores` (NaN
+    where not scored) and `signals` (what scored each row). `PosterPredictor` and `FusionPredictor` are the two."""
 
-    `checkpoint` is a job's `PinnedModel` (exactly those bytes, or an error) or a URI (what it means now).
-    """
-
-    def __init__(self, checkpoint: str | PinnedModel, *,
-                 storage_options: storage.StorageOptions = storage.StorageOptions(), device: str = "auto",
-                 num_threads: int | None = None, precision: str = "auto", compile_model: bool = False) -> None:
-        self.device = resolve_device(device)
-        self.threads = num_threads or actor_cpu_count()
-        self._use_threads()
-        if self.device.type == "cpu":
-            reuse_freed_memory()
-        self.autocast_dtype = autocast_dtype(precision, self.device)
-        if isinstance(checkpoint, PinnedModel):
-            model, self.meta = load_pinned(checkpoint, storage_options)
-        else:
-            model, self.meta = load_checkpoint(checkpoint, storage_options)
-        self.model = fold_batch_norms(model.eval(), self.meta.arch).to(self.device, memory_format=torch.channels_last)
+    def __init__(self, model: torch.nn.Module, meta: ModelMeta, *, device: torch.device, threads: int,
+                 autocast_dtype: torch.dtype | None, compile_model: bool = False) -> None:
+        self.device, self.threads, self.autocast_dtype, self.meta = device, threads, autocast_dtype, meta
+        folded = fold_batchnorm(model.eval(), meta.arch)
+        self.model = folded.to(self.device, memory_format=torch.channels_last)
         if compile_model:  # minutes of compilation per actor: worth it only for long runs on GPUs
             self.model = torch.compile(self.model)
-        self.spec = self.meta.preprocess
-        logger.info("GenrePredictor loaded %s on %s (%s, %d threads)", self.meta.model_version, self.device,
+        self.spec = meta.preprocess
+        logger.info("%s loaded %s on %s (%s, %d threads)", type(self).__name__, meta.model_version, self.device,
                     self.autocast_dtype or torch.float32, self.threads)
 
-    def _use_threads(self) -> None:
-        """Intra-op threads and denormal flushing are per calling thread with OpenMP, and Ray Data calls the
-        actor from another thread than the one that built it (where Ray's OMP_NUM_THREADS=1 applies): set
-        both on the calling thread, every call (it costs microseconds)."""
-        if self.device.type == "cpu":
-            if torch.get_num_threads() != self.threads:
-                torch.set_num_threads(self.threads)
-            # Arithmetic on denormal floats is many times slower on x86; flushing them to zero changes no
-            # score by more than 1e-30. (A safeguard: the benchmark models showed no denormal slowdown.)
-            torch.set_flush_denormal(True)
+    def use_threads(self) -> None:
+        use_threads(self.device, self.threads)
 
-    @torch.inference_mode()
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 N×S×S×3 -> sigmoid scores N×G (float32)."""
-        self._use_threads()
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
             # Ray Data hands zero-copy, read-only arrays; the model only reads them (to_model_input makes the
             # float copy), so torch's "not writable" warning on every batch is noise.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            batch = torch.from_numpy(images)
+            return torch.from_numpy(images)
+
+    def __call__(self, batch: dict[str, np.ndarray], *, forward_batch: int | None = None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def use_threads(device: torch.device, threads: int) -> None:
+    """Intra-op threads and denormal flushing are per calling thread with OpenMP, and Ray Data calls the actor
+    from another thread than the one that built it (where Ray's OMP_NUM_THREADS=1 applies): set both on the
+    calling thread, every call (it costs microseconds)."""
+    if device.type == "cpu":
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        # Arithmetic on denormal floats is many times slower on x86; flushing them to zero changes no
+        # score by more than 1e-30. (A safeguard: the benchmark models showed no denormal slowdown.)
+        torch.set_flush_denormal(True)
+
+
+class PosterPredictor(GenrePredictor):
+    """A poster model: scores the rows whose poster decoded (`ok`)."""
+
+    @torch.inference_mode()
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 N×S×S×3 -> sigmoid scores N×G (float32)."""
+        self.use_threads()
+        batch = self.model_input(images)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
@@ -203,10 +168,7 @@ class GenrePredictor:
         return torch.sigmoid(logits.float()).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray], *, forward_batch: int | None = None) -> dict[str, np.ndarray]:
-        """Scores the rows it can, `forward_batch` rows per forward pass (default: all at once); adds `scores`
-        (NaN where not scored) and `signals` (what scored each row)."""
-        if self.meta.is_fusion:
-            return self.score_fused(batch, forward_batch)
+        """Scores the `ok` rows, `forward_batch` rows per forward pass (default: all at once)."""
         images = batch.pop("image")
         ok = np.flatnonzero(batch["status"] == STATUS_OK)
         scores = np.full((len(images), len(self.meta.genres)), np.nan, dtype=np.float32)
@@ -218,32 +180,59 @@ class GenrePredictor:
         batch["signals"] = signal_lists([[POSTER] if row_ok else [] for row_ok in batch["status"] == STATUS_OK])
         return batch
 
-    def score_fused(self, batch: dict[str, np.ndarray], forward_batch: int | None) -> dict[str, np.ndarray]:
-        """A fusion model: each row scored with the signals it has (a poster that decoded, a row in each
-        embedding table); rows with none keep their poster status."""
+
+class FusionPredictor(GenrePredictor):
+    """A fusion model: each row scored with the signals it has (a poster that decoded, a row in each embedding
+    table; `model.fusion.fusion_inputs`, as in training); rows with none keep their poster status."""
+
+    def __init__(self, model: torch.nn.Module, meta: ModelMeta, **options) -> None:
+        super().__init__(model, meta, **options)
+        self.fusion = meta.fusion_spec
+
+    def __call__(self, batch: dict[str, np.ndarray], *, forward_batch: int | None = None) -> dict[str, np.ndarray]:
         images = batch.pop("image", None)
-        inputs = fused_inputs(batch, self.meta)
+        inputs = fusion_inputs(batch, self.meta.signals, self.fusion.dims)
         count = len(batch["status"])
         scores = np.full((count, len(self.meta.genres)), np.nan, dtype=np.float32)
         for rows in chunks(np.flatnonzero(inputs.mask.any(axis=1)), forward_batch):
             started = time.perf_counter()
-            scores[rows] = self.predict_fused(None if images is None else images[rows], inputs, rows)
+            scores[rows] = self.predict(None if images is None else images[rows], inputs, rows)
             telemetry.observe_predict_batch(time.perf_counter() - started, self.device.type)
         batch["scores"] = scores
         batch["signals"] = signal_lists(inputs.used())
-        batch["status"], batch["error"] = fused_status(batch, inputs)
+        batch["status"], batch["error"] = fusion_status(batch, inputs)
         return batch
 
     @torch.inference_mode()
-    def predict_fused(self, images: np.ndarray | None, inputs: FusedInputs, rows: np.ndarray) -> np.ndarray:
-        self._use_threads()
+    def predict(self, images: np.ndarray | None, inputs: FusionInputs, rows: np.ndarray) -> np.ndarray:
+        self.use_threads()
         mask = torch.from_numpy(inputs.mask[rows]).to(self.device)
         embeddings = {s: torch.from_numpy(e[rows]).to(self.device) for s, e in inputs.embeddings.items()}
         model_input = None
         if images is not None and POSTER in self.meta.signals:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                model_input = to_model_input(torch.from_numpy(images).to(self.device), self.spec)
+            model_input = to_model_input(self.model_input(images).to(self.device), self.spec)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits = self.model(model_input, embeddings, mask)
         return torch.sigmoid(logits.float()).cpu().numpy()
+
+
+def load_predictor(checkpoint: str | PinnedModel, *,
+                   storage_options: storage.StorageOptions = storage.StorageOptions(), device: str = "auto",
+                   num_threads: int | None = None, precision: str = "auto",
+                   compile_model: bool = False) -> GenrePredictor:
+    """The predictor the checkpoint's meta calls for (`PosterPredictor` or `FusionPredictor`), model loaded once.
+
+    `checkpoint` is a job's `PinnedModel` (exactly those bytes, or an error) or a URI (what it means now)."""
+    resolved = resolve_device(device)
+    threads = num_threads or actor_cpu_count()
+    use_threads(resolved, threads)
+    if resolved.type == "cpu":
+        reuse_freed_memory()
+    dtype = autocast_dtype(precision, resolved)
+    if isinstance(checkpoint, PinnedModel):
+        model, meta = load_pinned(checkpoint, storage_options)
+    else:
+        model, meta = load_checkpoint(checkpoint, storage_options)
+    predictor = FusionPredictor if meta.is_fusion else PosterPredictor
+    return predictor(model, meta, device=resolved, threads=threads, autocast_dtype=dtype,
+                     compile_model=compile_model)

@@ -8,9 +8,7 @@ ratings embeddings, all ranks gather everything and train the same head from the
 
 from __future__ import annotations
 
-import copy
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -22,26 +20,32 @@ from torch import nn
 
 from genre_pipeline.data import storage
 from genre_pipeline.data.images import PreprocessSpec
-from genre_pipeline.data.tensors import to_model_input
 from genre_pipeline.evaluate.metrics import (
+    frequency_prior,
     mean_average_precision_at_k,
-    metrics_line,
+    prior_scores,
     summary_metrics,
-    tune_thresholds,
 )
 from genre_pipeline.evaluate.tables import PRIOR_ROW
 from genre_pipeline.genres import DEFAULT_THRESHOLD
 from genre_pipeline.model.architectures import build_model
-from genre_pipeline.model.checkpoints import ModelMeta, runtime_versions, save_checkpoint
-from genre_pipeline.model.fusion import FusionHead, FusionNet
+from genre_pipeline.model.checkpoints import ModelMeta, runtime_versions
+from genre_pipeline.model.fusion import FusionHead, FusionNet, FusionSpec, fusion_inputs
 from genre_pipeline.model.signals import POSTER, all_subsets, subset_name
-from genre_pipeline.signals.join import embedding_column, signal_matrix
-from genre_pipeline.statuses import STATUS_OK
-from genre_pipeline.train.loop import gather_objects
+from genre_pipeline.train.fitting import (
+    TRAIN_DATASET,
+    VAL_DATASET,
+    BestEpoch,
+    backbone_views,
+    gather_objects,
+    keep_best_epoch,
+    report_checkpoint,
+    tuned_metrics,
+)
+from genre_pipeline.train.rows import batch_targets
 
 logger = logging.getLogger(__name__)
 
-TRAIN_DATASET, VAL_DATASET = "train", "val"
 FUSION_BATCH_SIZE = 64  # rows of cached signals per step
 MONITOR = "val_mean_subset_map_at_3"  # the mean over signal subsets: every subset must score, not just "all"
 
@@ -104,28 +108,20 @@ def poster_features(backbone: nn.Module, images: np.ndarray, ok: np.ndarray, spe
     rows = np.flatnonzero(ok)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        inputs = to_model_input(torch.from_numpy(np.ascontiguousarray(images[chunk])), spec)
-        outputs = [backbone(inputs)] + ([backbone(torch.flip(inputs, dims=[3]))] if views == 2 else [])
-        out[chunk] = torch.stack(outputs, dim=1).float().numpy()
+        out[chunk] = backbone_views(backbone, torch.from_numpy(np.ascontiguousarray(images[chunk])), spec, views)
     return out
 
 
 def signal_rows(batch: dict[str, np.ndarray], backbone: nn.Module | None, config: FusionLoopConfig,
                 *, views: int) -> SignalRows:
-    """One batch of joined, decoded rows -> its cached signals."""
-    count = len(batch["target"])
-    present, embeddings = {}, {}
-    poster = np.zeros((count, views, 0), np.float32)
-    for signal in config.signals:
-        if signal == POSTER:
-            present[signal] = batch["status"] == STATUS_OK
-            poster = poster_features(backbone, batch["image"], present[signal], config.preprocess,
-                                     width=config.dims[POSTER], views=views, batch_size=config.batch_size)
-        else:
-            embeddings[signal], present[signal] = signal_matrix(batch.get(embedding_column(signal)), count,
-                                                                config.dims[signal])
-    mask = np.stack([present[s] for s in config.signals], axis=1).astype(np.float32)
-    return SignalRows(poster, embeddings, mask, np.asarray(batch["target"], np.float32).reshape(count, -1))
+    """One batch of joined, decoded rows -> its cached signals (which ones a row has: `fusion_inputs`, as serving
+    decides it)."""
+    inputs = fusion_inputs(batch, config.signals, config.dims)
+    poster = np.zeros((len(inputs.mask), views, 0), np.float32)
+    if POSTER in config.signals:
+        poster = poster_features(backbone, batch["image"], inputs.present(POSTER), config.preprocess,
+                                 width=config.dims[POSTER], views=views, batch_size=config.batch_size)
+    return SignalRows(poster, inputs.embeddings, inputs.mask, batch_targets(batch))
 
 
 def collect(dataset: str, backbone: nn.Module | None, config: FusionLoopConfig, *, views: int) -> SignalRows:
@@ -174,7 +170,7 @@ def score_subsets(head: FusionHead, rows: SignalRows, signals: tuple[str, ...]) 
 
 def prior_metrics(train_targets: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """The frequency prior on these rows: every movie scored with the training genre shares."""
-    scores = np.tile(train_targets.mean(axis=0), (len(targets), 1)).astype(np.float32)
+    scores = prior_scores(frequency_prior(train_targets), len(targets)).astype(np.float32)
     return summary_metrics(targets, scores, (scores >= DEFAULT_THRESHOLD).astype(np.float32))
 
 
@@ -183,8 +179,7 @@ def subset_results(scores: dict[str, np.ndarray], targets: np.ndarray, objective
     """Per subset: summary metrics at thresholds tuned for `objective` on these rows, and those thresholds."""
     metrics, thresholds = {}, {}
     for name, subset_scores in scores.items():
-        tuned = tune_thresholds(targets, subset_scores, objective=objective)
-        metrics[name] = summary_metrics(targets, subset_scores, (subset_scores >= tuned).astype(np.float32))
+        metrics[name], tuned = tuned_metrics(targets, subset_scores, objective)
         thresholds[name] = tuned.tolist()
     return metrics, thresholds
 
@@ -194,22 +189,15 @@ def mean_subset_map(head: FusionHead, rows: SignalRows, signals: tuple[str, ...]
     return float(np.mean([mean_average_precision_at_k(rows.targets, s, 3) for s in scores.values()]))
 
 
-@dataclass(frozen=True)
-class FusionResult:
-    best_epoch: int
-    score: float
-
-
-def train_fusion_head(head: FusionHead, train: SignalRows, val: SignalRows, config: FusionLoopConfig
-                      ) -> FusionResult:
+def train_fusion_head(head: FusionHead, train: SignalRows, val: SignalRows, config: FusionLoopConfig) -> BestEpoch:
     """Epochs of modality-dropout training on the cached signals; keeps (loads) the best epoch on validation."""
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     views = train.poster.shape[1]
     targets, mask = torch.from_numpy(train.targets), torch.from_numpy(train.mask)
-    best, best_state = FusionResult(0, -np.inf), copy.deepcopy(head.state_dict())
-    for epoch in range(1, config.epochs + 1):
+
+    def train_epoch(epoch: int) -> None:
         head.train()
         view = torch.randint(views, (len(train),), generator=generator).numpy()
         inputs = inputs_of(train, view)
@@ -220,13 +208,9 @@ def train_fusion_head(head: FusionHead, train: SignalRows, val: SignalRows, conf
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        score = mean_subset_map(head, val, config.signals)
-        if score > best.score:
-            best, best_state = FusionResult(epoch, score), copy.deepcopy(head.state_dict())
-        elif config.patience and epoch - best.best_epoch >= config.patience:
-            break
-    head.load_state_dict(best_state)
-    return best
+
+    return keep_best_epoch(head, config.epochs, train_epoch,
+                           lambda: (mean_subset_map(head, val, config.signals), None), config.patience)
 
 
 def fusion_meta(config: FusionLoopConfig, metrics: dict[str, float], subsets: dict[str, dict[str, float]],
@@ -240,8 +224,9 @@ def fusion_meta(config: FusionLoopConfig, metrics: dict[str, float], subsets: di
                 "epochs": config.epochs, "patience": config.patience, "lr": config.lr,
                 "weight_decay": config.weight_decay, "seed": config.seed},
         versions=runtime_versions(), signals=list(config.signals),
-        fusion={"hidden": config.hidden, "dims": dict(config.dims), "embeddings": dict(config.embeddings),
-                "thresholds_by_signals": thresholds, "subset_metrics": subsets, "validation_rows": validation_rows})
+        fusion=FusionSpec(hidden=config.hidden, dims=dict(config.dims), embeddings=dict(config.embeddings),
+                          thresholds_by_signals=thresholds, subset_metrics=subsets,
+                          validation_rows=validation_rows).to_dict())
 
 
 def flat_metrics(subsets: dict[str, dict[str, float]], rows: int, best_epoch: int, score: float) -> dict[str, float]:
@@ -266,19 +251,9 @@ def fusion_loop_per_worker(loop_config: dict) -> None:
     result = train_fusion_head(head, train, val, config)
     subsets, thresholds = subset_results(score_subsets(head, val, config.signals), val.targets,
                                          config.threshold_objective)
-    metrics = {**flat_metrics(subsets, len(val), result.best_epoch, result.score),
+    metrics = {**flat_metrics(subsets, len(val), result.epoch, result.score),
                "feature_seconds": feature_seconds, "train_rows": float(len(train)),
                "seconds": time.perf_counter() - started}
     subsets[PRIOR_ROW] = prior_metrics(train.targets, val.targets)
-    report(FusionNet(backbone, head), fusion_meta(config, metrics, subsets, thresholds, len(val)), metrics)
-
-
-def report(model: FusionNet, meta: ModelMeta, metrics: dict[str, float]) -> None:
-    """Every rank reports (a barrier); rank 0 writes the checkpoint."""
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if ray.train.get_context().get_world_rank() == 0:
-            save_checkpoint(directory, model, meta)
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-            logger.info("fusion: %s", metrics_line(metrics))
-        ray.train.report(metrics, checkpoint=checkpoint)
+    report_checkpoint(FusionNet(backbone, head), fusion_meta(config, metrics, subsets, thresholds, len(val)), metrics,
+                      label="fusion")

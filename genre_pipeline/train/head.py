@@ -1,14 +1,9 @@
-"""The fine-tuning recipe's first phase: the genre head trained on cached features of a frozen backbone.
-
-A frozen backbone gives the same features every epoch, so each poster goes through it once per view (as is and
-mirrored) instead of once per epoch: dozens of head epochs then cost less than one pass over the posters.
-Every rank computes the features of its shards, gathers everyone's, and trains the same head on all of them
-from the same seed; rank 0's head is what gets kept (DDP broadcasts it when the model is wrapped next).
+"""The poster recipe's first phase: the genre head trained on cached features of a frozen backbone (see
+`fitting`: every rank fits the same head; rank 0's is kept, and DDP broadcasts it when the model is wrapped next).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -17,7 +12,7 @@ import torch
 from torch import nn
 
 from genre_pipeline.data.images import PreprocessSpec
-from genre_pipeline.data.tensors import to_model_input
+from genre_pipeline.train.fitting import backbone_views, keep_best_epoch
 
 HEAD_BATCH_SIZE = 64  # rows of cached features per step: the head is one linear layer, steps are microseconds
 HEAD_PATIENCE = 20  # head epochs without a better validation score before the phase stops
@@ -37,18 +32,13 @@ class HeadResult:
     score: float  # the monitored metric of that epoch
 
 
-@torch.inference_mode()
 def extract_features(backbone: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: PreprocessSpec,
                      *, mirrored: bool) -> Features:
     """Pooled backbone features of every batch (eval mode); with `mirrored`, of the left-right flip too."""
     backbone.eval()
     values, targets = [], []
     for batch in batches:
-        images = to_model_input(batch["image"], spec)
-        views = [backbone(images)]
-        if mirrored:
-            views.append(backbone(torch.flip(images, dims=[3])))
-        values.append(torch.stack(views, dim=1).float().cpu().numpy())
+        values.append(backbone_views(backbone, batch["image"], spec, 2 if mirrored else 1))
         targets.append(batch["target"].cpu().numpy())
     if not values:
         return Features(np.zeros((0, 2 if mirrored else 1, 0), np.float32), np.zeros((0, 0), np.float32))
@@ -73,22 +63,20 @@ def train_head(head: nn.Module, train: Features, val: Features, *, epochs: int, 
     targets = torch.from_numpy(np.repeat(train.targets, train.values.shape[1], axis=0))
     val_inputs = torch.from_numpy(val.values[:, 0])
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    best: HeadResult | None = None
-    best_state = copy.deepcopy(head.state_dict())
-    for epoch in range(1, epochs + 1):
+
+    def train_epoch(epoch: int) -> None:
         head.train()
         for index in torch.randperm(len(inputs), generator=generator).split(HEAD_BATCH_SIZE):
             loss = loss_fn(head(inputs[index]), targets[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
+    def score_epoch() -> tuple[float, np.ndarray]:
         head.eval()
         with torch.inference_mode():
             scores = torch.sigmoid(head(val_inputs)).numpy()
-        score = monitor(val.targets, scores)
-        if best is None or score > best.score:
-            best, best_state = HeadResult(scores, val.targets, epoch, score), copy.deepcopy(head.state_dict())
-        elif patience and epoch - best.best_epoch >= patience:
-            break
-    head.load_state_dict(best_state)
-    return best
+        return monitor(val.targets, scores), scores
+
+    best = keep_best_epoch(head, epochs, train_epoch, score_epoch, patience)
+    return HeadResult(best.scored, val.targets, best.epoch, best.score)

@@ -1,4 +1,5 @@
-"""Ray Train fine-tuning: the per-worker loop (`train_loop_per_worker`), one epoch, evaluation, resume.
+"""The poster recipe's Ray Train worker loop (`train_loop_per_worker`): the head phase, full-network epochs,
+validation scores, resume.
 
 Runs the same on a laptop (gloo DDP over CPU workers) and a GPU cluster (nccl); each epoch reports
 validation metrics and a self-describing checkpoint, and running the same command again resumes.
@@ -8,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import ray.train
@@ -26,17 +25,24 @@ from genre_pipeline import failpoints
 from genre_pipeline.data import storage
 from genre_pipeline.data.images import PreprocessSpec
 from genre_pipeline.data.tensors import to_model_input
-from genre_pipeline.evaluate.metrics import metrics_line, summary_metrics, tune_thresholds
 from genre_pipeline.model.architectures import GenreNet, build_model
-from genre_pipeline.model.checkpoints import ModelMeta, runtime_versions, save_checkpoint
+from genre_pipeline.model.checkpoints import ModelMeta, runtime_versions
+from genre_pipeline.train.fitting import (
+    TRAIN_DATASET,
+    VAL_DATASET,
+    gather_objects,
+    gather_rows,
+    report_checkpoint,
+    tuned_metrics,
+)
 from genre_pipeline.train.head import Features, extract_features, merge_features, train_head
 
 logger = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.pt"
-# The Ray Train dataset names: augmented training rows, the same rows plain (the head phase's features), validation.
-TRAIN_DATASET, TRAIN_FEATURES_DATASET, VAL_DATASET = "train", "train_features", "val"
-T = TypeVar("T")
+# Beside TRAIN_DATASET (augmented training rows) and VAL_DATASET: the same training rows plain, the head phase's
+# features.
+TRAIN_FEATURES_DATASET = "train_features"
 
 
 @dataclass(frozen=True)
@@ -144,8 +150,8 @@ def global_rows(rows: int) -> int:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: PreprocessSpec,
-             num_genres: int) -> tuple[np.ndarray, np.ndarray]:
+def validation_scores(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: PreprocessSpec,
+                      num_genres: int) -> tuple[np.ndarray, np.ndarray]:
     """(targets, sigmoid scores) of this worker's validation shard."""
     model.eval()
     targets, scores = [np.zeros((0, num_genres), np.float32)], [np.zeros((0, num_genres), np.float32)]
@@ -161,24 +167,9 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def gather_objects(item: T) -> list[T]:
-    """Every worker's `item`, in rank order (one item when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [item]
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, item)
-    return parts
-
-
-def gather_rows(array: np.ndarray) -> np.ndarray:
-    """Concatenate every worker's rows (validation is sharded; every rank needs all of it to tune thresholds)."""
-    return np.concatenate(gather_objects(array))
-
-
 def validation_metrics(y_true: np.ndarray, scores: np.ndarray, objective: str
                        ) -> tuple[dict[str, float], np.ndarray]:
-    thresholds = tune_thresholds(y_true, scores, objective=objective)
-    metrics = summary_metrics(y_true, scores, (scores >= thresholds).astype(np.float32))
+    metrics, thresholds = tuned_metrics(y_true, scores, objective)
     metrics = {f"val_{name}": float(value) for name, value in metrics.items()}
     metrics["val_rows"] = float(len(y_true))  # what the figures were measured on
     return metrics, thresholds
@@ -206,19 +197,16 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Sched
     return state
 
 
-def report_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler,
-                 state: TrainState, metrics: dict[str, float], meta: ModelMeta) -> None:
-    """Every rank reports (it is a barrier); rank 0 alone writes the checkpoint."""
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if ray.train.get_context().get_world_rank() == 0:
-            meta = save_checkpoint(directory, model, meta)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "state": asdict(state)}, Path(directory) / TRAIN_STATE_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-            logger.info("epoch %d: %s", state.epoch, metrics_line(metrics))
-        ray.train.report({**metrics, "epoch": state.epoch, "resumed_from_epoch": state.resumed_from},
-                         checkpoint=checkpoint)
+def checkpoint_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler,
+                     state: TrainState, metrics: dict[str, float], meta: ModelMeta) -> None:
+    """The epoch's checkpoint report (see `fitting.report_checkpoint`), with what resuming needs beside the weights."""
+
+    def write_train_state(directory: Path) -> None:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "state": asdict(state)}, directory / TRAIN_STATE_FILE)
+
+    report_checkpoint(model, meta, metrics, label=f"epoch {state.epoch}", write_more=write_train_state,
+                      reported={"epoch": state.epoch, "resumed_from_epoch": state.resumed_from})
     failpoints.reached("train.epoch_reported")
 
 
@@ -271,8 +259,8 @@ def run_head_phase(model: GenreNet, optimizer: torch.optim.Optimizer, scheduler:
     update_early_stopping(state, metrics[config.monitor])
     timing = {"head_best_epoch": float(result.best_epoch), "head_feature_seconds": feature_seconds,
               "head_seconds": time.perf_counter() - started, "train_rows": float(len(train.values))}
-    report_epoch(model, optimizer, scheduler, state, {**timing, **metrics},
-                 epoch_meta(config, state, metrics, thresholds))
+    checkpoint_epoch(model, optimizer, scheduler, state, {**timing, **metrics},
+                     epoch_meta(config, state, metrics, thresholds))
 
 
 def run_fine_tuning(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler, state: TrainState,
@@ -289,13 +277,13 @@ def run_fine_tuning(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
         throughput = {"train_loss": epoch.loss, "train_seconds": epoch.seconds,
                       "train_samples_per_second": global_rows(epoch.rows) / epoch.seconds if epoch.seconds else 0.0}
         val_batches = val_shard.iter_torch_batches(batch_size=config.batch_size, dtypes=DTYPES)
-        shard = evaluate(unwrapped(model), val_batches, config.preprocess, len(config.genres))
+        shard = validation_scores(unwrapped(model), val_batches, config.preprocess, len(config.genres))
         y_true, scores = (gather_rows(part) for part in shard)
         metrics, thresholds = validation_metrics(y_true, scores, config.threshold_objective)
         state.epoch += 1
         update_early_stopping(state, metrics[config.monitor])
-        report_epoch(model, optimizer, scheduler, state, {**throughput, **metrics},
-                     epoch_meta(config, state, metrics, thresholds))
+        checkpoint_epoch(model, optimizer, scheduler, state, {**throughput, **metrics},
+                         epoch_meta(config, state, metrics, thresholds))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

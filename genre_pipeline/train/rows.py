@@ -1,4 +1,5 @@
-"""Training data: which catalogue rows train, the stable validation split, and the Ray Data pipelines."""
+"""Training rows, for both recipes: which catalogue rows train, the stable validation split, their targets (one
+encoding: a fixed-size multi-hot `target` column) and the poster model's Ray Data pipeline."""
 
 from __future__ import annotations
 
@@ -23,19 +24,21 @@ TRAIN_COLUMNS = ["movie_id", "genres", "poster_uri"]
 ROWS_PER_BLOCK = 128
 # Positive-class weights are capped: a genre with 3 examples must not dominate the loss.
 MAX_POS_WEIGHT = 10.0
-GENRE_SEPARATOR = "|"
 
 
-def load_training_rows(catalog_uri: str, options: storage.StorageOptions) -> pa.Table:
-    """Rows of the train split that have a poster and at least one genre."""
+def load_training_rows(catalog_uri: str, options: storage.StorageOptions, *, needs_poster: bool = True) -> pa.Table:
+    """Rows of the train split with at least one genre and, when `needs_poster` (the poster model), a poster."""
     table = read_catalog(catalog_uri, options)
     if "split" not in table.column_names or "genres" not in table.column_names:
         raise CatalogError(f"{catalog_uri}: training needs the columns 'split' and 'genres'")
-    keep = pc.and_(pc.equal(table["split"], "train"), pc.is_valid(table["poster_uri"]))
+    keep = pc.equal(table["split"], "train")
+    if needs_poster:
+        keep = pc.and_(keep, pc.is_valid(table["poster_uri"]))
     keep = pc.and_(keep, pc.greater(pc.fill_null(pc.list_value_length(table["genres"]), 0), 0))
     rows = table.filter(keep).select(TRAIN_COLUMNS)
     if rows.num_rows == 0:
-        raise CatalogError(f"{catalog_uri}: no rows with split == 'train', a poster_uri and genres")
+        wanted = "a poster_uri and genres" if needs_poster else "and genres"
+        raise CatalogError(f"{catalog_uri}: no rows with split == 'train'{',' if needs_poster else ''} {wanted}")
     return rows
 
 
@@ -61,28 +64,38 @@ def positive_weights(train: pa.Table, genres: Sequence[str]) -> list[float]:
     return np.clip(weights, 1.0, MAX_POS_WEIGHT).round(4).tolist()
 
 
-def prepare_training_batch(batch: dict[str, np.ndarray], *, genres: Sequence[str], image_size: Size,
-                           augment: bool) -> dict[str, np.ndarray]:
-    """Decoded (and, for training, augmented) images with multi-hot targets; unreadable posters are dropped."""
+def with_targets(rows: pa.Table, genres: Sequence[str]) -> pa.Table:
+    """`rows` with their genres as the multi-hot `target` column (float32, one per genre) in place of `genres`: the
+    one form targets travel in through Ray Data (ragged string lists would not turn back into Arrow)."""
+    targets = encode_many(rows["genres"].to_pylist(), genres)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(targets.reshape(-1), pa.float32()), len(genres))
+    return rows.drop_columns(["genres"]).append_column("target", column)
+
+
+def batch_targets(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """A batch's `target` column as (rows, genres) float32."""
+    targets = np.asarray(batch["target"], np.float32)
+    return targets if targets.ndim == 2 else targets.reshape(len(targets), -1)
+
+
+def prepare_training_batch(batch: dict[str, np.ndarray], *, image_size: Size, augment: bool) -> dict[str, np.ndarray]:
+    """Decoded (and, for training, augmented) images with their targets; unreadable posters are dropped."""
     batch = decode_posters(batch, image_size=image_size)
     ok = batch["status"] == STATUS_OK
     images = batch["image"][ok]
     if augment and len(images):
         images = augment_batch(images, training_augmentation(image_size))
-    targets = encode_many([labels.split(GENRE_SEPARATOR) for labels in batch["genre_labels"][ok]], genres)
-    return {"image": images, "target": targets}
+    return {"image": images, "target": batch_targets(batch)[ok]}
 
 
 def to_dataset(rows: pa.Table, *, genres: Sequence[str], image_size: Size, augment: bool,
                options: storage.StorageOptions) -> ray.data.Dataset:
     """Lazy pipeline, re-run every epoch: fresh augmentations, and memory bounded by streaming."""
-    # Genres travel as one "A|B" string: Ray Data cannot turn ragged numpy string arrays back into Arrow.
-    labels = pc.binary_join(rows["genres"], GENRE_SEPARATOR)
-    rows = rows.drop_columns(["genres"]).append_column("genre_labels", labels)
+    rows = with_targets(rows, genres)
     blocks = [rows.slice(start, ROWS_PER_BLOCK) for start in range(0, rows.num_rows, ROWS_PER_BLOCK)]
     return (
         ray.data.from_arrow(blocks)
         .map_batches(fetch_posters, fn_kwargs={"options": options})
         .map_batches(prepare_training_batch,
-                     fn_kwargs={"genres": list(genres), "image_size": image_size, "augment": augment})
+                     fn_kwargs={"image_size": image_size, "augment": augment})
     )
