@@ -2,7 +2,7 @@
 
 They are what docs/performance.md's figures come from; these tests check the scripts, not the speeds (speed goals
 are measured by running the benchmarks, not by timed tests). The runs check the report's form, never values the
-script rounded for printing. benchmarks/gpu_check.py: tests/test_gpu.py.
+script rounded for printing. benchmarks/gpu_check.py: tests/test_e2e_gpu.py.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from genre_pipeline.train.fusion_driver import FusionJobConfig
 
 LABEL = {"catalog": "c", "model": "m", "output": "o"}
 TRAIN = {"catalog": "c", "storage_path": "s", "name": "n"}
+FUSION = {**TRAIN, "title_embeddings": "t"}
 
 
 @pytest.mark.parametrize(("check", "good", "bad", "message"), [
@@ -37,7 +38,7 @@ def test_each_rule_keeps_its_good_value_and_names_the_bad_one(check, good, bad, 
     (LabelConfig, LABEL, "run_date", "yesterday", "LabelConfig.run_date: must be a date YYYY-MM-DD"),
     (LabelConfig, LABEL, "num_gpus_per_actor", -1.0, "LabelConfig.num_gpus_per_actor: must be 0 or more"),
     (TrainJobConfig, TRAIN, "start_timeout", 0.0, "TrainJobConfig.start_timeout: must be more than 0"),
-    (FusionJobConfig, TRAIN, "dropout", 2.0, "FusionJobConfig.dropout: must be between 0 and 1"),
+    (FusionJobConfig, FUSION, "dropout", 2.0, "FusionJobConfig.dropout: must be between 0 and 1"),
     (EvaluateConfig, {"labels": "l", "catalog": "c"}, "run_date", "2026-1-1",
      "EvaluateConfig.run_date: must be a date YYYY-MM-DD"),
     (RatingsConfig, {"ratings": "r", "out": "o"}, "oversampling", -1, "RatingsConfig.oversampling: must be 0 or more"),
@@ -48,6 +49,11 @@ def test_a_config_built_in_python_is_refused_naming_the_field(config_class, requ
     config_class(**required)  # the defaults keep every rule
     with pytest.raises(ConfigError, match=message.replace(".", r"\.", 1)):
         config_class(**required, **{field: value})
+
+
+def test_a_fusion_config_without_two_signals_is_refused():
+    with pytest.raises(ConfigError, match="a fusion model needs at least two of poster"):
+        FusionJobConfig(**TRAIN, poster=False, title_embeddings="t")
 
 
 def test_none_leaves_a_setting_to_the_job():

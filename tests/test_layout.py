@@ -1,5 +1,6 @@
-"""The package layout: every module imports on its own, imports form no cycle, no private names cross modules, and
-the processes that train or label never load matplotlib (only the evaluation job's figures do)."""
+"""The package layout: every module imports on its own, imports form no cycle, no private names cross modules, the
+processes that train or label never load matplotlib (only the evaluation job's figures do), and every test file is
+named after what it covers."""
 
 from __future__ import annotations
 
@@ -136,3 +137,24 @@ def test_no_private_name_is_imported_across_modules():
                      for path in sources for module, names in module_imports(path)
                      if module.split(".")[0] == "genre_pipeline" for name in names if name.startswith("_"))
     assert not private, "\n".join(private)
+
+
+# What a test file may be named after besides a module: a folder or file of the repository it checks.
+TESTED_PATHS = {"benchmarks": REPO / "benchmarks", "k8s": REPO / "k8s", "dockerfile": REPO / "Dockerfile",
+                "layout": PACKAGE}
+END_TO_END = "e2e_"  # suites that run whole jobs, named after what they exercise
+
+
+def covered_name(module: str) -> str:
+    """`genre_pipeline.label.incremental` -> `label_incremental`: its tests are tests/test_label_incremental.py."""
+    return module.removeprefix("genre_pipeline").strip(".").replace(".", "_")
+
+
+def test_every_test_file_is_named_after_a_module_or_is_an_end_to_end_suite():
+    names = {covered_name(module) for module in MODULES} | set(TESTED_PATHS)
+    names |= {f"benchmarks_{path.stem}" for path in (REPO / "benchmarks").glob("*.py")}
+    assert all(path.exists() for path in TESTED_PATHS.values())
+    stray = [path.name for path in sorted((REPO / "tests").glob("test_*.py"))
+             if not path.stem.removeprefix("test_").startswith(END_TO_END)
+             and path.stem.removeprefix("test_") not in names]
+    assert stray == []

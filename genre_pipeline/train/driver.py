@@ -134,10 +134,6 @@ class TrainJobConfig:
             return PRETRAINED_HEAD_EPOCHS if self.starts_pretrained else 0
         return self.head_epochs
 
-    def validate(self) -> None:
-        """The jobs' check before Ray starts: a config is checked when it is made (`__post_init__`), so only again."""
-        self.__post_init__()
-
 
 def loop_config(config: TrainJobConfig, train_rows: pa.Table, val_rows: pa.Table) -> LoopConfig:
     preprocess = default_preprocess(config.arch, config.image_size)
@@ -157,7 +153,6 @@ def loop_config(config: TrainJobConfig, train_rows: pa.Table, val_rows: pa.Table
 
 
 def build_trainer(config: TrainJobConfig) -> tuple[TorchTrainer, LoopConfig]:
-    config.validate()
     rows = load_training_rows(config.catalog, config.storage_options)
     train_rows, val_rows = split_for_training(config, rows)
     loop = loop_config(config, train_rows, val_rows)

@@ -95,6 +95,9 @@ class FusionJobConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if len(self.signals) < 2:
+            raise ConfigError(f"signals {self.signals}: a fusion model needs at least two of poster, "
+                              "--title-embeddings, --ratings-embeddings (a poster alone: jobs/train_genre_model.py)")
 
     @property
     def start_timeout(self) -> float:
@@ -109,12 +112,6 @@ class FusionJobConfig:
     @property
     def signals(self) -> tuple[str, ...]:
         return tuple(s for s in SIGNAL_ORDER if s in self.tables or (s == POSTER and self.poster))
-
-    def validate(self) -> None:
-        """What the job needs beyond a valid config, refused before Ray starts: two signals at least."""
-        if len(self.signals) < 2:
-            raise ConfigError(f"signals {self.signals}: a fusion model needs at least two of poster, "
-                              "--title-embeddings, --ratings-embeddings (a poster alone: jobs/train_genre_model.py)")
 
 
 def to_dataset(rows: pa.Table, config: FusionJobConfig, loop: FusionLoopConfig) -> ray.data.Dataset:
@@ -152,7 +149,6 @@ def loop_config(config: FusionJobConfig, metas: dict[str, EmbeddingMeta], train:
 
 
 def build_trainer(config: FusionJobConfig) -> TorchTrainer:
-    config.validate()
     metas = check_tables(config.tables, config.storage_options)
     rows = load_training_rows(config.catalog, config.storage_options, needs_poster=False)
     train_rows, val_rows = split_for_training(config, rows)

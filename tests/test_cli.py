@@ -33,8 +33,9 @@ JOBS = {
     "embed_titles": (TitleEmbeddingConfig, ["--catalog", "c", "--out", "o"], {"catalog": "c", "out": "o"}),
     "embed_ratings": (RatingsConfig, ["--ratings", "r", "--out", "o"], {"ratings": "r", "out": "o"}),
     "migrate_labels": (MigrateConfig, ["--from", "f", "--output", "o"], {"source": "f", "output": "o"}),
-    "train_fusion_model": (FusionJobConfig, ["--catalog", "c", "--storage-path", "s", "--name", "n"],
-                           {"catalog": "c", "storage_path": "s", "name": "n"}),
+    "train_fusion_model": (FusionJobConfig, ["--catalog", "c", "--storage-path", "s", "--name", "n",
+                                              "--title-embeddings", "t"],
+                           {"catalog": "c", "storage_path": "s", "name": "n", "title_embeddings": "t"}),
 }
 NOT_FLAGS = {"storage_options"}  # built from the storage flags
 PUSHING_JOBS = {"label_catalog", "train_genre_model", "train_fusion_model"}  # these add --pushgateway

@@ -1,6 +1,6 @@
 """storage: URI resolution, the up-front checks on local paths, and error reasons that never carry a secret.
 
-The same checks against a real S3 API (moto's server) are in test_s3.py.
+The same checks against a real S3 API (moto's server) are in test_e2e_s3.py.
 """
 
 from __future__ import annotations
