@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, load_job, read_night, save_random_model
 from PIL import Image
-from test_images import dds_header_only
+from test_data_images import dds_header_only
 
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import CATALOG_SCHEMA
