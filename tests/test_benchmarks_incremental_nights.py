@@ -173,7 +173,8 @@ def test_driver_memory_runs_two_nights_per_size_and_reports_each_peak(tmp_path):
         assert first["rows_by_status"] == {"missing_poster": int(movies)}  # no poster: nothing fetched
         assert second["rows_by_origin"] == {"carried": int(movies)}
         assert size["peak_mib"] >= size["peak_before_nights_mib"] > 100  # at least a Python with Ray and torch
-        assert size["peak_mib"] == pytest.approx(max(n["peak_rss_mib"] for n in size["nights"]))
+        # ru_maxrss only grows, and is read once more after the last night's record
+        assert size["peak_mib"] >= max(n["peak_rss_mib"] for n in size["nights"])
     assert report["peak_ratio"] == pytest.approx(report["sizes"]["2000"]["peak_mib"]
                                                  / report["sizes"]["200"]["peak_mib"])
     assert "peak at 2,000 over peak at 200:" in result.stdout
