@@ -13,7 +13,8 @@ from conftest import labels_table, read_night, save_random_model
 
 from genre_pipeline.data.catalog import write_catalog
 from genre_pipeline.data.sample import build_sample_catalog
-from genre_pipeline.label.night import EmptyCatalogError, ShrinkingNightError, label_catalog
+from genre_pipeline.label.catalog_ids import EmptyCatalogError
+from genre_pipeline.label.night import ShrinkingNightError, label_catalog
 from genre_pipeline.label.pipeline import LabelConfig
 from genre_pipeline.label.table import nights
 

@@ -12,19 +12,16 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import pyarrow.parquet as pq
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 
 from genre_pipeline import failpoints
 from genre_pipeline.cuda_guard import check_gpu_workers
-from genre_pipeline.data import storage
-from genre_pipeline.data.catalog import REQUIRED_COLUMNS, CatalogError, catalog_dataset, validate_schema
 from genre_pipeline.errors import JobInputError
 from genre_pipeline.label import incremental
+from genre_pipeline.label.catalog_ids import count_catalog
 from genre_pipeline.label.contract import labels_schema
 from genre_pipeline.label.pipeline import (
-    IO_TASK_CPUS,
     KnownRows,
     LabelConfig,
     actors_started_in_time,
@@ -42,10 +39,6 @@ from genre_pipeline.model.checkpoints import pin_model
 logger = logging.getLogger(__name__)
 
 PROPERTY_PREFIX = "genre-pipeline."
-
-
-class EmptyCatalogError(CatalogError):
-    """A catalogue without rows: never committed over a night of labels."""
 
 
 class FailedNightError(JobInputError, RuntimeError):
@@ -88,28 +81,6 @@ class LabelSummary:
     def posters_per_second(self) -> float:
         """Rows scored tonight per second of the whole run."""
         return self.scored / self.seconds if self.seconds else 0.0
-
-
-def count_catalog(uri: str, options: storage.StorageOptions) -> int:
-    """The catalogue's rows, after failing fast on missing columns, null or duplicate movie ids, or no rows.
-    Counted by Ray Data tasks: the ids never reach the driver."""
-    fs, path = storage.arrow_filesystem(uri, options)
-    try:
-        schema = pq.ParquetDataset(path, filesystem=fs).schema
-    except (OSError, ValueError) as error:
-        raise CatalogError(f"{uri}: cannot read the catalogue: {error}") from None
-    validate_schema(schema, source=uri, required=REQUIRED_COLUMNS)
-    ids = catalog_dataset(path, fs, num_cpus=IO_TASK_CPUS).select_columns(["movie_id"])
-    rows = ids.count()
-    if rows == 0:
-        raise EmptyCatalogError(f"{uri}: the catalogue has no rows; an empty night is never committed")
-    # One shuffle finds both: nulls group under a null key.
-    invalid = (ids.groupby("movie_id", num_partitions=join_partitions(rows)).count()
-               .filter(lambda group: group["movie_id"] is None or group["count()"] > 1).take(3))
-    if invalid:
-        values = ", ".join(f"{group['movie_id']} ({group['count()']} rows)" for group in invalid)
-        raise CatalogError(f"{uri}: column 'movie_id' must be unique and not null; found {values}")
-    return rows
 
 
 def check_night(counts: NightCounts, expected_rows: int, previous_rows: int, config: LabelConfig) -> None:
