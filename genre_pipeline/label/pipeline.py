@@ -330,10 +330,14 @@ def build_label_dataset(
 ) -> ray.data.Dataset:
     """read -> input keys -> known rows joined (materialized once, in the object store) -> the rows that need
     scoring: [fetch (I/O tasks) -> decode (CPU tasks), on GPUs] -> labeller pool; the others: their known label
-    rows, in tasks. No actor starts on a night with nothing to score."""
-    reuse = not config.full
+    rows, in tasks. No actor starts on a night with nothing to score. A night with no known rows (the table's
+    first, or --full on an empty table) streams every row to the pool without the join."""
     with retry_arguments_allowed():
-        joined = catalog_with_known_rows(config, night_digest, known, tables, rows).materialize()
+        keyed = catalog_with_known_rows(config, night_digest, known, tables, rows)
+    if known.previous is None and known.staged is None:
+        return score_rows(keyed, config, model, resources, run_id=run_id, labelled_at=labelled_at)
+    reuse = not config.full
+    joined = keyed.materialize()
     kept = joined.map_batches(incremental.kept_label_rows, batch_format="pyarrow", batch_size=None,
                               num_cpus=IO_TASK_CPUS,
                               fn_kwargs={"reuse": reuse, "schema": labels_schema(model.meta.genres)})
@@ -341,10 +345,15 @@ def build_label_dataset(
                                   batch_size=None, num_cpus=IO_TASK_CPUS)
     if to_score.count() == 0:
         return kept
+    return score_rows(to_score, config, model, resources, run_id=run_id, labelled_at=labelled_at).union(kept)
+
+
+def score_rows(rows: ray.data.Dataset, config: LabelConfig, model: PinnedModel, resources: cluster.ActorResources,
+               *, run_id: str, labelled_at: datetime) -> ray.data.Dataset:
+    """Label rows of `rows`, scored by the labeller pool in blocks of SCORE_BLOCK_ROWS."""
     with retry_arguments_allowed():
-        posters = prepare_posters(config, model, scoring_blocks(to_score))
-        scored = score_posters(posters, config, model, resources, run_id=run_id, labelled_at=labelled_at)
-    return scored.union(kept)
+        posters = prepare_posters(config, model, scoring_blocks(rows))
+        return score_posters(posters, config, model, resources, run_id=run_id, labelled_at=labelled_at)
 
 
 def prepare_posters(config: LabelConfig, model: PinnedModel, posters: ray.data.Dataset) -> ray.data.Dataset:
