@@ -44,6 +44,9 @@ JOIN_BLOCK_ROWS = 20_000
 # Reading the catalogue (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter
 # of a CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
 IO_TASK_CPUS = 0.25
+# Input keys (their stats or HEADs are threaded inside each task) and choosing each row's origin are CPU work:
+# a CPU per task, so a night starts no more worker processes than the node has cores (docs/performance.md).
+ROW_TASK_CPUS = 1.0
 # Bounded retries: a label actor that dies (OOM, lost node) is restarted this many times, a fetch or decode task
 # retried this many; a fault that keeps coming back then fails the run instead of looping all night.
 ACTOR_MAX_RESTARTS = 4
@@ -285,7 +288,7 @@ def catalog_with_known_rows(config: LabelConfig, night_digest: str, known: Known
     options = config.storage_options
     catalog = catalog_rows(config.catalog, options, tables, rows).map_batches(
         incremental.add_input_keys, fn_kwargs={"night_digest": night_digest, "options": options},
-        batch_format="pyarrow", batch_size=KEY_BLOCK_ROWS, num_cpus=IO_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
+        batch_format="pyarrow", batch_size=KEY_BLOCK_ROWS, num_cpus=ROW_TASK_CPUS, max_retries=TASK_MAX_RETRIES)
     partitions = join_partitions(rows)
     catalog = incremental.join_known_rows(catalog, known.previous, incremental.PREVIOUS, partitions)
     return incremental.join_known_rows(catalog, known.staged, incremental.STAGED, partitions)
@@ -339,10 +342,11 @@ def build_label_dataset(
     reuse = not config.full
     joined = keyed.materialize()
     kept = joined.map_batches(incremental.kept_label_rows, batch_format="pyarrow", batch_size=None,
-                              num_cpus=IO_TASK_CPUS,
+                              num_cpus=ROW_TASK_CPUS,
                               fn_kwargs={"reuse": reuse, "schema": labels_schema(model.meta.genres)})
+    # Materialized: its count is then metadata, and the pool reads the rows without computing them again.
     to_score = joined.map_batches(incremental.rows_to_score, fn_kwargs={"reuse": reuse}, batch_format="pyarrow",
-                                  batch_size=None, num_cpus=IO_TASK_CPUS)
+                                  batch_size=None, num_cpus=ROW_TASK_CPUS).materialize()
     if to_score.count() == 0:
         return kept
     return score_rows(to_score, config, model, resources, run_id=run_id, labelled_at=labelled_at).union(kept)
