@@ -1,7 +1,7 @@
 """Counting the catalogue and checking its movie ids before a night, with no per-movie state on the driver.
 
-One Ray Data pass reads the id column and returns, per block, its rows, its nulls, whether its ids are distinct,
-and their range. Blocks whose ranges do not overlap (a catalogue exported in id order, as catalogues usually
+One Ray Data pass reads the id column and returns, per block, its rows, its nulls, the ids it holds twice, and
+their range. Blocks whose ranges do not overlap (a catalogue exported in id order, as catalogues usually
 are) then prove the ids unique without a shuffle; overlapping ranges fall back to a hash shuffle of the ids.
 """
 
@@ -14,13 +14,10 @@ import ray
 
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import REQUIRED_COLUMNS, CatalogError, catalog_dataset, validate_schema
+from genre_pipeline.label.pipeline import IO_TASK_CPUS, join_partitions
 
 # Offending ids named in the error.
 NAMED_IDS = 3
-# Catalogue rows per hash partition of the fallback shuffle.
-SHUFFLE_PARTITION_ROWS = 20_000
-# Reading ids waits on I/O: a quarter of a CPU per read task, as the label job's reads.
-READ_TASK_CPUS = 0.25
 
 
 class EmptyCatalogError(CatalogError):
@@ -51,8 +48,7 @@ def ranges_overlap(stats: list[dict]) -> bool:
 
 def shuffled_invalid_ids(ids: ray.data.Dataset, rows: int) -> list[dict]:
     """Up to NAMED_IDS null or repeated ids, found by grouping every id (nulls group under a null key)."""
-    partitions = max(1, -(-rows // SHUFFLE_PARTITION_ROWS))
-    return (ids.groupby("movie_id", num_partitions=partitions).count()
+    return (ids.groupby("movie_id", num_partitions=join_partitions(rows)).count()
             .filter(lambda group: group["movie_id"] is None or group["count()"] > 1).take(NAMED_IDS))
 
 
@@ -64,20 +60,17 @@ def count_catalog(uri: str, options: storage.StorageOptions) -> int:
     except (OSError, ValueError) as error:
         raise CatalogError(f"{uri}: cannot read the catalogue: {error}") from None
     validate_schema(schema, source=uri, required=REQUIRED_COLUMNS)
-    ids = catalog_dataset(path, fs, num_cpus=READ_TASK_CPUS).select_columns(["movie_id"])
+    ids = catalog_dataset(path, fs, num_cpus=IO_TASK_CPUS).select_columns(["movie_id"])
     stats = ids.map_batches(block_id_stats, batch_format="pyarrow", batch_size=None,
-                            num_cpus=READ_TASK_CPUS).take_all()
+                            num_cpus=IO_TASK_CPUS).take_all()
     rows = sum(row["rows"] for row in stats)
     if rows == 0:
         raise EmptyCatalogError(f"{uri}: the catalogue has no rows; an empty night is never committed")
     nulls = sum(row["nulls"] for row in stats)
     repeated = [value for row in stats for value in row["repeated"]][:NAMED_IDS]
-    if nulls or repeated:
-        found = [f"{nulls} null"] * bool(nulls) + [f"{value} (repeated)" for value in repeated]
+    found = [f"{nulls} null"] * bool(nulls) + [f"{value} (repeated)" for value in repeated]
+    if not found and ranges_overlap(stats):
+        found = [f"{group['movie_id']} ({group['count()']} rows)" for group in shuffled_invalid_ids(ids, rows)]
+    if found:
         raise CatalogError(f"{uri}: column 'movie_id' must be unique and not null; found {', '.join(found)}")
-    if ranges_overlap(stats):
-        invalid = shuffled_invalid_ids(ids, rows)
-        if invalid:
-            found = ", ".join(f"{group['movie_id']} ({group['count()']} rows)" for group in invalid)
-            raise CatalogError(f"{uri}: column 'movie_id' must be unique and not null; found {found}")
     return rows
