@@ -54,7 +54,8 @@ def test_the_ratio_is_the_changed_nights_rest_over_the_full_nights_less_start_up
     assert report["scoring_ratio"] == pytest.approx(3.0 / 195.0)
     assert report["unchanged_scoring_ratio"] == pytest.approx(6.0 / 200.0)
     assert (report["target_scoring_ratio"], report["scoring_ratio_met"]) == (0.05, True)
-    assert report["scored_exactly"] == {"full": True, "unchanged": True, "changed": True, "one_changed": True}
+    assert report["scored_exactly"] == {"full": True, "unchanged": True, "changed": True, "one_changed": True,
+                                       "start_up": True}
     assert (report["movies"], report["changed_posters"]) == (1000, 10)
 
 
@@ -63,12 +64,25 @@ def test_a_slow_changed_night_and_wrong_counts_are_reported():
                            changed_origins={"scored": 11, "carried": 989})
     assert report["scoring_ratio"] == pytest.approx(18.0 / 195.0)
     assert report["scoring_ratio_met"] is False
-    assert report["scored_exactly"] == {"full": True, "unchanged": False, "changed": False, "one_changed": True}
+    assert report["scored_exactly"] == {"full": True, "unchanged": False, "changed": False, "one_changed": True,
+                                       "start_up": True}
     lines = load_benchmark("incremental_nights").format_report(report)
     assert ("0.115 as measured, 0.092 both less the fixed start-up, for 10 changed posters (target <= 0.05: NOT met)"
             in lines[5])
     assert lines[6] == "(b) scored 3 posters (expected none)"
     assert lines[7] == "scored counts: WRONG for unchanged, changed"
+
+
+def test_a_start_up_night_that_scored_something_is_reported_as_wrong():
+    report = load_benchmark("incremental_nights").build_report(
+        {"full": night({"scored": 1000}, 5.0, 205.0), "unchanged": night({"carried": 1000}, 4.0, 10.0),
+         "changed": night({"scored": 10, "carried": 990}, 4.0, 12.0),
+         "one_changed": night({"scored": 1, "carried": 999}, 4.0, 13.0)},
+        movies=1000, changed_posters=10, start_up_night=night({"scored": 2, "carried": 62}, 0.5, 2.5))
+    assert report["scored_exactly"]["start_up"] is False
+    assert report["start_up_night"]["rows_by_origin"] == {"scored": 2, "resumed": 0, "carried": 62}
+    lines = load_benchmark("incremental_nights").format_report(report)
+    assert lines[-1] == "scored counts: WRONG for start_up"
 
 
 def test_the_printed_lines_carry_each_nights_origins_and_times():
@@ -150,7 +164,8 @@ def test_incremental_nights_scores_every_movie_then_none_then_exactly_the_change
     assert nights["unchanged"]["rows_by_origin"] == {"scored": 0, "resumed": 0, "carried": 200}
     assert nights["changed"]["rows_by_origin"] == {"scored": changed, "resumed": 0, "carried": 200 - changed}
     assert nights["one_changed"]["rows_by_origin"] == {"scored": 1, "resumed": 0, "carried": 199}
-    assert report["scored_exactly"] == {"full": True, "unchanged": True, "changed": True, "one_changed": True}
+    assert report["scored_exactly"] == {"full": True, "unchanged": True, "changed": True, "one_changed": True,
+                                       "start_up": True}
     for entry in nights.values():
         assert entry["scoring_seconds"] == pytest.approx(entry["seconds"] - entry["setup_seconds"])
         assert 0 < entry["setup_seconds"] < entry["seconds"]
