@@ -86,8 +86,9 @@ def run_nights_in_this_process(catalog: str, model: str, output: str) -> dict:
 
     from genre_pipeline.label.night import label_catalog
     from genre_pipeline.label.pipeline import LabelConfig
+    from genre_pipeline.runtime import job_runtime_env
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=job_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
     result = {"peak_before_nights": peak_rss(), "nights": []}
     for run_date in NIGHTS:

@@ -49,6 +49,7 @@ from genre_pipeline.genres import GENRES  # noqa: E402
 from genre_pipeline.label.night import label_catalog  # noqa: E402
 from genre_pipeline.label.pipeline import LabelConfig  # noqa: E402
 from genre_pipeline.label.sink import ORIGIN_CARRIED, ORIGIN_SCORED, ORIGINS  # noqa: E402
+from genre_pipeline.runtime import job_runtime_env  # noqa: E402
 
 # Small posters: decoding and resizing them is cheap beside the model, so the full night's time is mostly the
 # model's, as it is for real posters on the GPU path; 20,000 of them take about 60 MB.
@@ -259,7 +260,7 @@ def main() -> None:
     runs = args.work_dir / "run"
     shutil.rmtree(runs, ignore_errors=True)  # a new table: night (a) scores every movie
     model, arch = save_model(runs / "model", args.arch, args.image_size)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=job_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"{args.movies} movies ({args.poster_size[0]}x{args.poster_size[1]} posters), {arch} at "
           f"{args.image_size} px, {os.cpu_count()} CPUs, load average {machine['load_average'][0]:.1f}, "

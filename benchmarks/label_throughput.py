@@ -45,6 +45,7 @@ from genre_pipeline.label.pipeline import LabelConfig, resolve_actor_resources, 
 from genre_pipeline.model.architectures import build_model, default_preprocess  # noqa: E402
 from genre_pipeline.model.checkpoints import ModelMeta, load_checkpoint, save_checkpoint  # noqa: E402
 from genre_pipeline.model.predictor import PRECISIONS, load_predictor  # noqa: E402
+from genre_pipeline.runtime import job_runtime_env  # noqa: E402
 
 MIB = 2**20
 
@@ -278,7 +279,7 @@ def main() -> None:
         parser.error("--repeats must be >= 1")
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False, runtime_env=job_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -32,6 +32,7 @@ from genre_pipeline.data.posters import fetch_posters  # noqa: E402
 from genre_pipeline.data.sample import build_sample_catalog  # noqa: E402
 from genre_pipeline.genres import GENRES, encode_many  # noqa: E402
 from genre_pipeline.model.architectures import build_model, default_preprocess  # noqa: E402
+from genre_pipeline.runtime import job_runtime_env  # noqa: E402
 from genre_pipeline.train.driver import TrainJobConfig, build_trainer, loop_config  # noqa: E402
 from genre_pipeline.train.loop import make_optimizer, train_one_epoch  # noqa: E402
 from genre_pipeline.train.rows import (  # noqa: E402
@@ -118,7 +119,7 @@ def main() -> None:
     args.image_size = args.image_size or default_preprocess(args.arch).image_size
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False, runtime_env=job_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"{args.arch} at {args.image_size}px, {args.movies} movies, global batch {args.batch_size}, "
           f"{args.epochs} epochs, {os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}",

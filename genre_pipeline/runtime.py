@@ -21,6 +21,12 @@ from genre_pipeline.telemetry import push_job_failure
 KEEP_FREED_BYTES = 1 << 30  # glibc's mmap and trim thresholds for torch processes
 TORCH_WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(KEEP_FREED_BYTES),
                     "MALLOC_TRIM_THRESHOLD_": str(KEEP_FREED_BYTES), "OMP_WAIT_POLICY": "PASSIVE"}
+# Ray returns an object under its max_direct_call_object_size (100 KB) inline to the owner, the driver, where Ray
+# Data's small blocks (64 label rows: ~10 KB) then wait for their consumer: the driver grew with the catalogue
+# (docs/performance.md). From this size on the jobs' workers put them in the object store; a block's metadata
+# (~1.5 KB) still comes inline.
+INLINE_RETURN_MAX_BYTES = 4096
+JOB_WORKER_ENV = {"RAY_max_direct_call_object_size": str(INLINE_RETURN_MAX_BYTES)}
 
 
 # Ray's own loggers print from this level on; below it their records stay in the Ray session's log files
@@ -78,6 +84,14 @@ def progress_bars_wanted() -> bool:
     return bool(os.environ.get("GENRE_PIPELINE_PROGRESS")) or sys.stdout.isatty()
 
 
+def job_runtime_env() -> dict | None:
+    """The jobs' runtime_env: JOB_WORKER_ENV for every worker, less the variables this process already has (a
+    local Ray's workers inherit them; `ray job submit --runtime-env-json` sets its env_vars here too, and Ray
+    refuses a variable set twice)."""
+    env_vars = {name: value for name, value in JOB_WORKER_ENV.items() if name not in os.environ}
+    return {"env_vars": env_vars} if env_vars else None
+
+
 def init_ray() -> None:
     """Join the cluster under `ray job submit` (RAY_ADDRESS is set) or start a local Ray on a laptop.
 
@@ -95,7 +109,7 @@ def init_ray() -> None:
     context.raise_original_map_exception = True
     # Workers' output reaches this process's console unless RAY_LOG_TO_DRIVER=0 (Ray's own setting, which the
     # demo sets): it then stays in the workers' log files under the session's logs/ folder.
-    ray.init()
+    ray.init(runtime_env=job_runtime_env())
     quiet_ray_console()  # ray.init configures Ray's logger on its first call
 
 

@@ -52,3 +52,41 @@ def test_ray_prints_warnings_and_keeps_the_rest_in_its_log_files():
     # The console shows WARNING and up, less the warnings about what the jobs do on purpose; the logger itself
     # still passes DEBUG to Ray Data's file handler.
     assert result.stdout.splitlines() == ["console WARNING False 1", "level DEBUG"], result.stdout
+
+
+# A fresh process: the jobs' own local Ray, a 1 KB and a 10 KB task return, where each one lies; then the same
+# with the variable already in the environment (as `ray job submit --runtime-env-json` would set it).
+STORE_PROBE = """
+import ray
+from genre_pipeline.runtime import init_ray, job_runtime_env
+print("env", job_runtime_env())
+init_ray()
+
+@ray.remote
+def payload(size):
+    return b"x" * size
+
+refs = [payload.remote(1000), payload.remote(10_000)]
+ray.get(refs)
+locations = ray.experimental.get_object_locations(refs)
+print("in store", [bool(locations[ref]["node_ids"]) for ref in refs])
+ray.shutdown()
+"""
+
+
+def run_store_probe(**extra_env: str) -> list[str]:
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-c", STORE_PROBE], capture_output=True, text=True, timeout=300,
+                            cwd=REPO, env={**env, "RAY_DISABLE_USAGE_STATS": "1", **extra_env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [line for line in result.stdout.splitlines() if line.startswith(("env ", "in store "))]
+
+
+def test_the_jobs_workers_put_blocks_in_the_object_store_not_inline_in_the_driver():
+    # Ray's default would return both inline to the driver (under 100 KB).
+    assert run_store_probe() == ["env {'env_vars': {'RAY_max_direct_call_object_size': '4096'}}",
+                                 "in store [False, True]"]
+
+
+def test_a_size_the_job_was_given_is_kept():
+    assert run_store_probe(RAY_max_direct_call_object_size="20000") == ["env None", "in store [False, False]"]
