@@ -47,8 +47,8 @@ from genre_pipeline.data.catalog import write_catalog  # noqa: E402
 from genre_pipeline.data.sample import build_sample_catalog  # noqa: E402
 from genre_pipeline.genres import GENRES  # noqa: E402
 from genre_pipeline.label.night import label_catalog  # noqa: E402
+from genre_pipeline.label.origins import ORIGIN_CARRIED, ORIGIN_SCORED, ORIGINS  # noqa: E402
 from genre_pipeline.label.pipeline import LabelConfig  # noqa: E402
-from genre_pipeline.label.sink import ORIGIN_CARRIED, ORIGIN_SCORED, ORIGINS  # noqa: E402
 from genre_pipeline.runtime import job_runtime_env  # noqa: E402
 
 # Small posters: decoding and resizing them is cheap beside the model, so the full night's time is mostly the

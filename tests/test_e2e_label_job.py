@@ -21,7 +21,6 @@ from genre_pipeline.label.actor import model_lock
 from genre_pipeline.label.contract import labels_schema
 from genre_pipeline.label.night import NightOrderError, label_catalog
 from genre_pipeline.label.pipeline import (
-    SCORE_BLOCK_ROWS,
     ActorResourcesError,
     KnownRows,
     LabelConfig,
@@ -30,6 +29,7 @@ from genre_pipeline.label.pipeline import (
     scoring_blocks,
     size_label_cpu_actors,
 )
+from genre_pipeline.label.sizing import SCORE_BLOCK_ROWS
 from genre_pipeline.label.table import nights
 from genre_pipeline.model.predictor import load_predictor
 

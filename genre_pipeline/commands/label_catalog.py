@@ -23,8 +23,8 @@ import time
 
 from genre_pipeline.cli import job_parser, parse_job_args
 from genre_pipeline.label.night import LabelSummary, label_catalog
+from genre_pipeline.label.origins import ORIGINS
 from genre_pipeline.label.pipeline import LabelConfig
-from genre_pipeline.label.sink import ORIGINS
 from genre_pipeline.runtime import FailureMetric, run_job
 from genre_pipeline.statuses import STATUSES
 from genre_pipeline.telemetry import LABEL_JOB, LabelledGauge, push_job_outcome

@@ -28,7 +28,7 @@ from genre_pipeline.label.incremental import (
     stage_rows,
     with_origin,
 )
-from genre_pipeline.label.sink import ORIGIN_SCORED
+from genre_pipeline.label.origins import ORIGIN_SCORED
 from genre_pipeline.model.checkpoints import PinnedModel
 from genre_pipeline.model.predictor import GenrePredictor, load_predictor, signal_lists
 from genre_pipeline.statuses import STATUS_INFERENCE_FAILED, STATUS_OK, STATUS_PARTIAL

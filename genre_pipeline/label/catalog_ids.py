@@ -14,7 +14,7 @@ import ray
 
 from genre_pipeline.data import storage
 from genre_pipeline.data.catalog import REQUIRED_COLUMNS, CatalogError, catalog_dataset, validate_schema
-from genre_pipeline.label.pipeline import IO_TASK_CPUS, join_partitions
+from genre_pipeline.label.sizing import IO_TASK_CPUS, join_partitions
 
 # Offending ids named in the error.
 NAMED_IDS = 3

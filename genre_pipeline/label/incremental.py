@@ -32,7 +32,7 @@ import ray
 
 from genre_pipeline.data import storage
 from genre_pipeline.label.contract import INPUT_KEY
-from genre_pipeline.label.sink import (
+from genre_pipeline.label.origins import (
     IN_PREVIOUS_COLUMN,
     ORIGIN_CARRIED,
     ORIGIN_COLUMN,

@@ -21,17 +21,18 @@ from genre_pipeline.errors import JobInputError
 from genre_pipeline.label import incremental
 from genre_pipeline.label.catalog_ids import count_catalog
 from genre_pipeline.label.contract import labels_schema
+from genre_pipeline.label.origins import ORIGIN_CARRIED, ORIGIN_RESUMED, ORIGIN_SCORED
 from genre_pipeline.label.pipeline import (
     KnownRows,
     LabelConfig,
     actors_started_in_time,
     build_label_dataset,
     check_storage,
-    join_partitions,
     resolve_actor_resources,
     signal_tables,
 )
-from genre_pipeline.label.sink import ORIGIN_CARRIED, ORIGIN_RESUMED, ORIGIN_SCORED, LabelsTableSink, NightCounts
+from genre_pipeline.label.sink import LabelsTableSink, NightCounts
+from genre_pipeline.label.sizing import join_partitions
 from genre_pipeline.label.table import RUN_DATE_PROPERTY, commit_night, committed_rows, open_table, read_snapshot
 from genre_pipeline.label.table import night_properties as night_properties_of
 from genre_pipeline.model.checkpoints import pin_model

@@ -22,6 +22,13 @@ from genre_pipeline.errors import JobInputError
 from genre_pipeline.label import incremental
 from genre_pipeline.label.actor import IncrementalLabeller
 from genre_pipeline.label.contract import labels_schema
+from genre_pipeline.label.sizing import (
+    IO_TASK_CPUS,
+    KEY_BLOCK_ROWS,
+    ROW_TASK_CPUS,
+    SCORE_BLOCK_ROWS,
+    join_partitions,
+)
 from genre_pipeline.label.table import DEFAULT_TABLE, EMBEDDED_CATALOG, TableSettings, catalog_properties
 from genre_pipeline.model.checkpoints import ModelMeta, PinnedModel
 from genre_pipeline.model.predictor import PRECISIONS
@@ -31,22 +38,6 @@ from genre_pipeline.signals.join import check_tables, join_signals
 logger = logging.getLogger(__name__)
 
 CATALOG_COLUMNS = ["movie_id", "title", "poster_uri"]
-# Rows per block: each <WHICH>_BLOCK_ROWS below (and sink.WRITE_BLOCK_ROWS) names the block it sizes.
-# Rows per block of the rows to score, per CPU actor call and per GPU-path fetch/decode task: enough to amortise
-# Ray Data's per-call cost, few enough that blocks stay small in the object store and the run's last block is
-# short (docs/performance.md).
-SCORE_BLOCK_ROWS = 64
-# Rows per input-key task's block: a stat per poster is cheap, a task is not.
-KEY_BLOCK_ROWS = 4096
-# Catalogue rows per hash-join partition when embedding tables and known label rows are joined (a few MB of
-# vectors each).
-JOIN_BLOCK_ROWS = 20_000
-# Reading the catalogue (and fetching posters on the GPU path) waits on I/O: each such task reserves a quarter
-# of a CPU, so a few overlap their waits beside the scoring actors (each is a worker process: more cost memory).
-IO_TASK_CPUS = 0.25
-# Input keys (their stats or HEADs are threaded inside each task) and choosing each row's origin are CPU work:
-# a CPU per task, so a night starts no more worker processes than the node has cores (docs/performance.md).
-ROW_TASK_CPUS = 1.0
 # Bounded retries: a label actor that dies (OOM, lost node) is restarted this many times, a fetch or decode task
 # retried this many; a fault that keeps coming back then fails the run instead of looping all night.
 ACTOR_MAX_RESTARTS = 4
@@ -299,11 +290,6 @@ def scoring_blocks(rows: ray.data.Dataset) -> ray.data.Dataset:
     catalogue that is one Parquet file must still feed every actor of the pool. Exact sizes: a short block would
     be bundled with the next into one call of twice the work."""
     return rows.repartition(target_num_rows_per_block=SCORE_BLOCK_ROWS, strict=True)
-
-
-def join_partitions(rows: int | None) -> int:
-    """Hash-join partitions: about JOIN_BLOCK_ROWS catalogue rows each."""
-    return max(1, math.ceil((rows or 0) / JOIN_BLOCK_ROWS))
 
 
 def poster_policy(config: LabelConfig) -> PosterPolicy:

@@ -19,16 +19,9 @@ from pyiceberg.table import Table
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
+from genre_pipeline.label.origins import IN_PREVIOUS_COLUMN, ORIGIN_COLUMN
 from genre_pipeline.model.signals import POSTER
 
-# Where each label row came from: scored tonight, a scored row this night's killed run left in staging, or
-# carried over unchanged from the previous night. Not a table column: the sink counts and drops it.
-ORIGIN_COLUMN = "origin"
-ORIGIN_SCORED, ORIGIN_RESUMED, ORIGIN_CARRIED = "scored", "resumed", "carried"
-ORIGINS = (ORIGIN_SCORED, ORIGIN_RESUMED, ORIGIN_CARRIED)
-# Whether the movie had a row in the previous night (how many of those rows the night keeps: the shrink guard).
-IN_PREVIOUS_COLUMN = "in_previous"
-TRANSIENT_COLUMNS = (ORIGIN_COLUMN, IN_PREVIOUS_COLUMN)
 # Rows per write task's block (Ray Data bundles the scored blocks up to it), and so per data file: few enough
 # files for cheap scan planning; more per task would make Ray Data hold the night's blocks for one task at the
 # end (docs/performance.md).
