@@ -1,10 +1,11 @@
 """The package layout: every module imports on its own, imports form no cycle, no private names cross modules, the
-processes that train or label never load matplotlib (only the evaluation job's figures do), and every test file is
-named after what it covers."""
+processes that train or label never load matplotlib (only the evaluation job's figures do), the label job's
+task-side modules load neither torch nor the table's libraries, and every test file is named after what it covers."""
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,37 @@ def test_worker_modules_do_not_load_matplotlib(fresh_imports, module):
 
 def test_only_the_evaluation_figures_load_matplotlib(fresh_imports):
     assert {module for module, result in fresh_imports.items() if result.loads_matplotlib} == PLOTTING_MODULES
+
+
+# Every new worker process of every night imports its task's module again: the modules that Ray Data's tasks and
+# the labeller actors load stay free of what they do not use (torch takes seconds, pyiceberg most of one).
+HEAVY_PACKAGES = ("torch", "pyiceberg", "sqlalchemy")
+HEAVY_PROBE = f"""
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+print(json.dumps(sorted(name for name in {HEAVY_PACKAGES!r} if name in sys.modules)))
+"""
+
+
+def heavy_packages_loaded(module: str) -> list[str]:
+    result = subprocess.run([sys.executable, "-c", HEAVY_PROBE, module], capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", ["genre_pipeline.label.incremental", "genre_pipeline.label.catalog_ids",
+                                    "genre_pipeline.data.posters"])
+def test_the_label_jobs_ray_data_task_modules_load_neither_torch_nor_the_table(module):
+    assert heavy_packages_loaded(module) == []
+
+
+def test_the_labeller_actor_loads_torch_but_not_the_table():
+    assert heavy_packages_loaded("genre_pipeline.label.actor") == ["torch"]
+
+
+def test_the_write_tasks_sink_loads_the_table_but_not_torch():
+    assert heavy_packages_loaded("genre_pipeline.label.sink") == ["pyiceberg"]
 
 
 def module_imports(path: Path) -> list[tuple[str, tuple[str, ...]]]:
