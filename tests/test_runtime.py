@@ -66,8 +66,14 @@ init_ray()
 def payload(size):
     return b"x" * size
 
+import time
 refs = [payload.remote(1000), payload.remote(10_000)]
 ray.get(refs)
+# A stored object's node reaches its owner asynchronously (under load, after ray.get returns); an inline object
+# never gets one. Bounded: the 10 KB object's node is waited for until a deadline, then both are read.
+deadline = time.monotonic() + 20
+while not ray.experimental.get_object_locations(refs[1:])[refs[1]]["node_ids"] and time.monotonic() < deadline:
+    time.sleep(0.2)
 locations = ray.experimental.get_object_locations(refs)
 print("in store", [bool(locations[ref]["node_ids"]) for ref in refs])
 ray.shutdown()
