@@ -30,20 +30,32 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
+# Packages a module may load only where it needs them: plotting in the evaluation's figures; torch (seconds) and
+# the table's libraries (most of one) are imported again by every new worker process of every night.
+WATCHED_PACKAGES = ("matplotlib", "torch", "pyiceberg", "sqlalchemy")
+
+
 @dataclass(frozen=True)
 class FreshImport:
     returncode: int
     stderr: str
-    loads_matplotlib: bool
+    loaded: frozenset[str]  # the WATCHED_PACKAGES the import loaded
+
+    @property
+    def loads_matplotlib(self) -> bool:
+        return "matplotlib" in self.loaded
 
 
 def import_fresh(module: str) -> FreshImport:
     """Import `module` first thing in a new interpreter: an import cycle fails when one of its modules comes first."""
-    code = f"import sys, {module}; print(any(m.split('.')[0] == 'matplotlib' for m in sys.modules))"
+    code = (f"import json, sys, {module}; "
+            f"print(json.dumps([name for name in {WATCHED_PACKAGES!r} if name in sys.modules]))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
-    return FreshImport(result.returncode, result.stderr[-2000:], result.stdout.strip().endswith("True"))
+    lines = result.stdout.strip().splitlines()
+    loaded = frozenset(json.loads(lines[-1])) if result.returncode == 0 and lines else frozenset()
+    return FreshImport(result.returncode, result.stderr[-2000:], loaded)
 
 
 @pytest.fixture(scope="module")
@@ -67,35 +79,19 @@ def test_only_the_evaluation_figures_load_matplotlib(fresh_imports):
     assert {module for module, result in fresh_imports.items() if result.loads_matplotlib} == PLOTTING_MODULES
 
 
-# Every new worker process of every night imports its task's module again: the modules that Ray Data's tasks and
-# the labeller actors load stay free of what they do not use (torch takes seconds, pyiceberg most of one).
-HEAVY_PACKAGES = ("torch", "pyiceberg", "sqlalchemy")
-HEAVY_PROBE = f"""
-import importlib, json, sys
-importlib.import_module(sys.argv[1])
-print(json.dumps(sorted(name for name in {HEAVY_PACKAGES!r} if name in sys.modules)))
-"""
-
-
-def heavy_packages_loaded(module: str) -> list[str]:
-    result = subprocess.run([sys.executable, "-c", HEAVY_PROBE, module], capture_output=True, text=True,
-                            timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("module", ["genre_pipeline.label.incremental", "genre_pipeline.label.catalog_ids",
                                     "genre_pipeline.data.posters"])
-def test_the_label_jobs_ray_data_task_modules_load_neither_torch_nor_the_table(module):
-    assert heavy_packages_loaded(module) == []
+def test_the_label_jobs_ray_data_task_modules_load_neither_torch_nor_the_table(fresh_imports, module):
+    assert fresh_imports[module].returncode == 0, fresh_imports[module].stderr
+    assert fresh_imports[module].loaded == frozenset()
 
 
-def test_the_labeller_actor_loads_torch_but_not_the_table():
-    assert heavy_packages_loaded("genre_pipeline.label.actor") == ["torch"]
+def test_the_labeller_actor_loads_torch_but_not_the_table(fresh_imports):
+    assert fresh_imports["genre_pipeline.label.actor"].loaded == {"torch"}
 
 
-def test_the_write_tasks_sink_loads_the_table_but_not_torch():
-    assert heavy_packages_loaded("genre_pipeline.label.sink") == ["pyiceberg"]
+def test_the_write_tasks_sink_loads_the_table_but_not_torch(fresh_imports):
+    assert fresh_imports["genre_pipeline.label.sink"].loaded == {"pyiceberg"}
 
 
 def module_imports(path: Path) -> list[tuple[str, tuple[str, ...]]]:
